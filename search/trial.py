@@ -1,0 +1,299 @@
+"""The objective: build a head from a trial's params, train it with pruning, store the best epoch.
+
+Frozen backbones train only the head on cached features (search.features); the baseline CNN
+trains end to end on the decoded images. Either way the objective is validation macro-F1,
+reported every epoch so the pruner can stop unpromising trials.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna_dashboard import save_plotly_graph_object
+
+from search import features as feature_cache
+from search.backbones import build_baseline_cnn, get_spec
+from search.dataset import PreparedData
+from search.metrics import compute_metrics, macro_f1
+from search.settings import Settings
+from search.space import Dimension, sample
+
+CHECKPOINT_NAME = "model.keras"
+HISTORY_NAME = "history.csv"
+EVAL_BATCH = 1024
+
+
+class TrialFailed(Exception):
+    """A trial that cannot produce a result (NaN loss, out of memory): recorded, worker goes on."""
+
+
+class TrialInterrupted(Exception):
+    """The worker was asked to stop (SIGTERM) in the middle of a trial."""
+
+
+@dataclass
+class TrialEnv:
+    """What all trials of one worker share."""
+
+    settings: Settings
+    data: PreparedData
+    space: dict[str, Dimension]
+    artifact_store: FileSystemArtifactStore
+    feature_seed: int = 0
+    stop_requested: Callable[[], bool] = lambda: False
+    log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))
+
+
+def trial_seed(trial: optuna.Trial, base_seed: int) -> int:
+    """An enqueued seed (a re-run) wins; otherwise one derived from the trial number."""
+    seed = trial.user_attrs.get("seed")
+    if seed is None:
+        seed = (base_seed * 1_000_003 + trial.number * 7919) % (2**31 - 1)
+    return int(seed)
+
+
+def objective(trial: optuna.Trial, env: TrialEnv) -> float:
+    seed = trial_seed(trial, env.settings.seed)
+    trial.set_user_attr("seed", seed)
+    params = sample(trial, env.space)
+    try:
+        return _train(trial, env, params, seed)
+    except (TrialFailed, TrialInterrupted, optuna.TrialPruned):
+        raise
+    except Exception as exc:  # out of memory and other backend errors: fail this trial only
+        reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
+        trial.set_user_attr("fail_reason", reason[:500])
+        raise TrialFailed(reason) from exc
+
+
+def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int) -> float:
+    started = time.monotonic()
+    data, settings = env.data, env.settings
+    n_classes = len(data.classes)
+    keras.backend.clear_session()
+    spec = get_spec(params["backbone"])
+    if spec.frozen:
+        feats = feature_cache.load_or_compute(
+            data,
+            spec.name,
+            settings.weights,
+            settings.features_dir,
+            views=settings.feature_views,
+            seed=env.feature_seed,
+        )
+        trial.set_user_attr("feature_key", feats.key)
+        keras.utils.set_random_seed(seed)
+        model = build_head(feats.dim, n_classes, params)
+        train = Batches(feats.train, feats.train_labels, data, params["batch_size"], seed)
+        val_x, val_y = feats.val.astype(np.float32), feats.val_labels
+        kind = "head"
+    else:
+        keras.utils.set_random_seed(seed)
+        images, labels = data.arrays("train")
+        body = build_baseline_cnn(data.image_size)
+        head = build_head(int(body.output_shape[-1]), n_classes, params)
+        model = keras.Model(body.input, head(body.output), name="baseline_cnn")
+        train = Batches(images[None], labels, data, params["batch_size"], seed)
+        val_x, val_y = data.arrays("val")
+        kind = "full"
+    model.compile(
+        optimizer=make_optimizer(params),
+        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"]),
+    )
+    evaluator = Evaluator(trial, val_x, val_y, env, settings.max_epochs)
+    callbacks = [
+        evaluator,
+        keras.callbacks.EarlyStopping(monitor="val_macro_f1", mode="max", patience=5),
+        keras.callbacks.ReduceLROnPlateau(
+            monitor="val_macro_f1", mode="max", factor=0.2, patience=3, min_lr=1e-6, verbose=0
+        ),
+    ]
+    model.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
+    history = pd.DataFrame(evaluator.rows)
+    trial.set_user_attr("epochs_run", len(history))
+    trial.set_user_attr("train_seconds", round(time.monotonic() - started, 2))
+    save_plotly_graph_object(
+        trial.study, learning_curves(history, trial.number), graph_object_id=f"curves-{trial.number}"
+    )
+    with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
+        csv = Path(tmp) / HISTORY_NAME
+        history.to_csv(csv, index=False)
+        trial.set_user_attr(
+            "history",
+            upload_artifact(artifact_store=env.artifact_store, file_path=str(csv), study_or_trial=trial),
+        )
+        if evaluator.nan_epoch is not None:
+            raise TrialFailed(f"loss became NaN at epoch {evaluator.nan_epoch}")
+        if evaluator.interrupted:
+            raise TrialInterrupted(f"stopped by signal at epoch {len(history)}")
+        if evaluator.pruned:
+            raise optuna.TrialPruned(f"pruned at epoch {len(history)}")
+        model.set_weights(evaluator.best_weights)
+        checkpoint = Path(tmp) / CHECKPOINT_NAME
+        model.save(checkpoint)
+        trial.set_user_attr("checkpoint_kind", kind)
+        trial.set_user_attr(
+            "checkpoint",
+            upload_artifact(
+                artifact_store=env.artifact_store, file_path=str(checkpoint), study_or_trial=trial
+            ),
+        )
+    for name, value in evaluator.best_metrics.items():
+        trial.set_user_attr(f"val_{name}", value)
+    trial.set_user_attr("best_epoch", evaluator.best_epoch)
+    return evaluator.best_value
+
+
+def build_head(input_dim: int, n_classes: int, params: dict[str, Any]) -> keras.Model:
+    """1-3 dense layers (units, dropout each), optional batch norm, softmax over families."""
+    inputs = keras.Input(shape=(input_dim,), name="features")
+    x = inputs
+    for i in range(params["n_layers"]):
+        x = keras.layers.Dense(params[f"units_{i}"], use_bias=not params["batch_norm"], name=f"dense{i}")(x)
+        if params["batch_norm"]:
+            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.ReLU(name=f"relu{i}")(x)
+        x = keras.layers.Dropout(params[f"dropout_{i}"], name=f"dropout{i}")(x)
+    outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="family")(x)
+    return keras.Model(inputs, outputs, name="head")
+
+
+def make_optimizer(params: dict[str, Any]) -> keras.optimizers.Optimizer:
+    lr, wd = params["learning_rate"], params["weight_decay"]
+    name = params["optimizer"]
+    if name == "adam":
+        return keras.optimizers.Adam(lr, weight_decay=wd)
+    if name == "adamw":
+        return keras.optimizers.AdamW(lr, weight_decay=wd)
+    if name == "sgd":
+        return keras.optimizers.SGD(lr, momentum=0.9, nesterov=True, weight_decay=wd)
+    if name == "rmsprop":
+        return keras.optimizers.RMSprop(lr, weight_decay=wd)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+class Batches(keras.utils.PyDataset):
+    """Shuffled batches with class weights as sample weights. `views` has shape (V, n, ...):
+    each epoch draws one view per example, so augmented feature views act as augmentation."""
+
+    def __init__(
+        self, views: np.ndarray, labels: np.ndarray, data: PreparedData, batch_size: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.views, self.labels, self.batch_size, self.seed = views, labels, batch_size, seed
+        self.n_classes = len(data.classes)
+        weights = data.class_weights
+        self.sample_weights = np.array([weights[int(y)] for y in labels], dtype=np.float32)
+        self.epoch = 0
+        self._shuffle()
+
+    def _shuffle(self) -> None:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        n = len(self.labels)
+        self.order = rng.permutation(n)
+        self.view_of = rng.integers(0, len(self.views), size=n)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        idx = np.sort(self.order[index * self.batch_size : (index + 1) * self.batch_size])
+        x = self.views[self.view_of[idx], idx].astype(np.float32)
+        y = np.eye(self.n_classes, dtype=np.float32)[self.labels[idx]]
+        return x, y, self.sample_weights[idx]
+
+    def on_epoch_end(self) -> None:
+        self.epoch += 1
+        self._shuffle()
+
+
+class Evaluator(keras.callbacks.Callback):
+    """Scores the validation split each epoch, reports it to Optuna, keeps the best weights,
+    and stops training when the pruner says so, the loss is NaN, or the worker must stop."""
+
+    def __init__(
+        self, trial: optuna.Trial, val_x: np.ndarray, val_y: np.ndarray, env: TrialEnv, epochs: int
+    ) -> None:
+        super().__init__()
+        self.trial, self.val_x, self.val_y, self.env, self.epochs = trial, val_x, val_y, env, epochs
+        self.best_value = -1.0
+        self.best_epoch = -1
+        self.best_weights: list[np.ndarray] = []
+        self.best_metrics: dict[str, float] = {}
+        self.rows: list[dict[str, float]] = []
+        self.pruned = self.interrupted = False
+        self.nan_epoch: int | None = None
+        self._epoch_start = time.monotonic()
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self._epoch_start = time.monotonic()
+        if self.env.stop_requested():
+            self.interrupted = True
+            self.model.stop_training = True
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        if self.env.stop_requested():
+            self.interrupted = True
+            self.model.stop_training = True
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        logs = logs if logs is not None else {}
+        loss = float(logs.get("loss", float("nan")))
+        probs = np.asarray(self.model.predict(self.val_x, batch_size=EVAL_BATCH, verbose=0))
+        if not math.isfinite(loss) or not np.all(np.isfinite(probs)):
+            self.nan_epoch = epoch + 1
+            self.model.stop_training = True
+            logs["val_macro_f1"] = 0.0
+            return
+        value = macro_f1(self.val_y, probs)
+        logs["val_macro_f1"] = value
+        lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+        row = {"epoch": epoch + 1, "loss": loss, "val_macro_f1": value, "learning_rate": lr}
+        if value > self.best_value:
+            self.best_value, self.best_epoch = value, epoch + 1
+            self.best_weights = self.model.get_weights()
+            self.best_metrics = compute_metrics(self.val_y, probs)
+            row["val_loss"] = self.best_metrics["loss"]
+            row["val_accuracy"] = self.best_metrics["accuracy"]
+        self.rows.append(row)
+        seconds = time.monotonic() - self._epoch_start
+        self.env.log(
+            f"trial {self.trial.number} epoch {epoch + 1}/{self.epochs} loss {loss:.3f} "
+            f"val_macro_f1 {value:.3f} (best {self.best_value:.3f}) {seconds:.1f}s/epoch "
+            f"ETA {seconds * (self.epochs - epoch - 1):.0f}s"
+        )
+        self.trial.report(value, epoch + 1)
+        if self.trial.should_prune():
+            self.pruned = True
+            self.model.stop_training = True
+        if self.env.stop_requested():
+            self.interrupted = True
+            self.model.stop_training = True
+
+
+def learning_curves(history: pd.DataFrame, trial_number: int) -> go.Figure:
+    """Train loss and validation macro-F1 per epoch, shown on the study page of the dashboard."""
+    fig = go.Figure()
+    if not history.empty:
+        fig.add_scatter(x=history["epoch"], y=history["loss"], name="train loss")
+        fig.add_scatter(x=history["epoch"], y=history["val_macro_f1"], name="val macro-F1", yaxis="y2")
+    fig.update_layout(
+        title=f"Trial {trial_number}: learning curves",
+        xaxis_title="epoch",
+        yaxis={"title": "train loss"},
+        yaxis2={"title": "val macro-F1", "overlaying": "y", "side": "right", "range": [0, 1]},
+    )
+    return fig

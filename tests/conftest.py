@@ -1,0 +1,80 @@
+"""Shared fixtures: one small generated data set, prepared once per session, and helpers to run
+the real CLI in subprocesses."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# Tests never download: any attempt (e.g. Keras ImageNet weights) hits a dead proxy at once.
+os.environ["HTTPS_PROXY"] = os.environ["HTTP_PROXY"] = "http://127.0.0.1:9"
+os.environ["NO_PROXY"] = "127.0.0.1,localhost"
+
+ROOT = Path(__file__).resolve().parent.parent
+SEARCH = str(Path(sys.executable).parent / "search")
+PROMOTE = str(Path(sys.executable).parent / "promote-best")
+IMAGE_SIZE = 32
+FAST_SPACE = """
+[space]
+backbone = ["mobilenet_v2", "baseline_cnn"]
+n_layers = {low = 1, high = 2}
+units = {low = 32, high = 128}
+batch_size = [32, 64]
+"""
+
+
+@pytest.fixture(scope="session")
+def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 families, ~240 images, prepared at 32 px: big enough to learn, small enough for CI."""
+    from search.dataset import prepare
+    from search.synth import generate
+
+    root = tmp_path_factory.mktemp("data")
+    source = generate(root / "rare_species.zip", n_families=8, total_images=240, image_px=64,
+                      as_zip=True, seed=3)  # fmt: skip
+    prepare(source, root / "prepared", image_size=IMAGE_SIZE, seed=0)
+    return root / "prepared"
+
+
+@pytest.fixture()
+def workspace(tmp_path: Path, prepared_dir: Path) -> Path:
+    """A project-like folder: its own study_db/, models/, feature cache and a fast space file."""
+    shutil.copytree(prepared_dir, tmp_path / "data" / "prepared")
+    (tmp_path / "space.toml").write_text(FAST_SPACE)
+    return tmp_path
+
+
+def search_env(workspace: Path, **extra: str) -> dict[str, str]:
+    """Environment of a CLI process working in `workspace` (settings via SEARCH_* variables)."""
+    env = dict(os.environ)
+    env.update(
+        {
+            "SEARCH_STORAGE": f"sqlite:///{workspace / 'study_db' / 'search.sqlite3'}",
+            "SEARCH_STUDY": "test",
+            "SEARCH_DATA_DIR": str(workspace / "data" / "prepared"),
+            "SEARCH_FEATURES_DIR": str(workspace / "data" / "features"),
+            "SEARCH_MODELS_DIR": str(workspace / "models"),
+            "SEARCH_ARTIFACTS_DIR": str(workspace / "models" / "artifacts"),
+            "SEARCH_SPACE_FILE": str(workspace / "space.toml"),
+            "SEARCH_WEIGHTS": "none",
+            "SEARCH_MAX_EPOCHS": "4",
+            "SEARCH_FEATURE_VIEWS": "1",
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
+    env.update(extra)
+    return env
+
+
+def run_cli(
+    args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300, program: str = SEARCH
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [program, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
+    )

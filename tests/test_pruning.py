@@ -1,0 +1,44 @@
+"""The default pruner must stop trials that are clearly worse than the ones before them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from optuna.trial import TrialState
+
+from search.settings import Settings
+from search.study import create_or_load, open_storage
+from search.worker import run_worker
+from tests.conftest import search_env
+
+GOOD = {
+    "backbone": "baseline_cnn",
+    "n_layers": 1,
+    "units_0": 64,
+    "dropout_0": 0.0,
+    "batch_norm": False,
+    "learning_rate": 0.01,
+    "optimizer": "adam",
+    "batch_size": 32,
+    "label_smoothing": 0.0,
+    "weight_decay": 1e-6,
+}
+# Same model, but a learning rate 100x too small for plain SGD: it barely moves in 6 epochs.
+BAD = {**GOOD, "optimizer": "sgd", "learning_rate": 1e-4}
+
+
+def test_median_pruner_prunes_clearly_worse_trials(workspace: Path) -> None:
+    env = search_env(workspace, SEARCH_MAX_EPOCHS="6", SEARCH_PRUNER="median")
+    settings = Settings.load(environ=env)
+    study = create_or_load(open_storage(settings, heartbeat=False), settings)
+    for params in [GOOD] * 4 + [BAD] * 3:
+        study.enqueue_trial(params)
+    run_worker(settings, n_trials=7)
+
+    trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
+    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4
+    bad_states = [t.state for t in trials[4:7]]
+    assert bad_states.count(TrialState.PRUNED) >= 2, bad_states
+    for t in trials[4:7]:
+        if t.state == TrialState.PRUNED:
+            assert t.user_attrs["epochs_run"] < 6  # stopped early: that is the point

@@ -1,0 +1,57 @@
+"""Workers as real processes on a real SQLite file, as `docker compose up` starts replicas."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import keras
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact
+from optuna.trial import TrialState
+
+from search.settings import Settings
+from search.study import load, open_storage
+from tests.conftest import SEARCH, search_env
+
+N_TRIALS = 9
+
+
+def test_three_workers_started_together_share_one_fresh_sqlite_study(workspace: Path) -> None:
+    env = search_env(workspace)
+    procs = [
+        subprocess.Popen(
+            [SEARCH, "worker", "--n-trials", str(N_TRIALS)],
+            env=env,
+            cwd=workspace,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(3)
+    ]
+    outputs = [p.communicate(timeout=480) for p in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, err[-3000:]
+        assert "worker done" in out
+        assert "worker: trial" in err, "every worker must have run at least one trial"
+
+    settings = Settings.load(environ=env)
+    study = load(open_storage(settings, heartbeat=False), settings)
+    trials = study.get_trials(deepcopy=False)
+    numbers = sorted(t.number for t in trials)
+    assert numbers == list(range(len(trials))), "trial numbers have gaps or duplicates"
+    assert all(t.state.is_finished() for t in trials), [t.state for t in trials]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert N_TRIALS <= len(finished) <= N_TRIALS + 2  # workers overshoot by at most N-1
+
+    best = study.best_trial
+    store = FileSystemArtifactStore(str(workspace / "models" / "artifacts"))
+    path = workspace / "best.keras"
+    download_artifact(artifact_store=store, file_path=str(path), artifact_id=best.user_attrs["checkpoint"])
+    model = keras.models.load_model(path, compile=False)
+    assert model.output_shape[-1] == len(study.user_attrs["classes"])
+    assert 0.0 <= best.value <= 1.0
+    for key in ("val_accuracy", "val_top5_accuracy", "val_auc", "val_loss", "seed"):
+        assert key in best.user_attrs, key
+    assert study.user_attrs["data_hash"] and study.user_attrs["versions"]["optuna"] == optuna.__version__
