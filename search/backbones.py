@@ -44,7 +44,9 @@ BACKBONES: dict[str, BackboneSpec] = {
             "MobileNetV2",
             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
         ),
-        BackboneSpec("efficientnet_b0", True, "keras", "raw", "EfficientNetB0", "efficientnetb0_notop.h5"),
+        BackboneSpec(
+            "efficientnet_b0", True, "keras", "raw", "EfficientNetB0", "efficientnetb0_notop.h5"
+        ),
         BackboneSpec(
             "resnet50",
             True,
@@ -62,7 +64,12 @@ BACKBONES: dict[str, BackboneSpec] = {
             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
         BackboneSpec(
-            "vgg16", True, "keras", "caffe", "VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
+            "vgg16",
+            True,
+            "keras",
+            "caffe",
+            "VGG16",
+            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
         BackboneSpec("efficientnet_lite0", True, "ported", "ported"),
         BackboneSpec("efficientnet_lite1", True, "ported", "ported"),
@@ -78,7 +85,9 @@ CAFFE_MEAN_BGR = np.array([103.939, 116.779, 123.68])
 
 def get_spec(name: str) -> BackboneSpec:
     if name not in BACKBONES:
-        raise ConfigError(f"unknown backbone {name!r}: choose one of {', '.join(sorted(BACKBONES))}")
+        raise ConfigError(
+            f"unknown backbone {name!r}: choose one of {', '.join(sorted(BACKBONES))}"
+        )
     return BACKBONES[name]
 
 
@@ -129,7 +138,9 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
     if mode == "torch":
         return [
             keras.layers.Normalization(
-                mean=IMAGENET_MEAN.tolist(), variance=(IMAGENET_STD**2).tolist(), name="imagenet_norm"
+                mean=IMAGENET_MEAN.tolist(),
+                variance=(IMAGENET_STD**2).tolist(),
+                name="imagenet_norm",
             )
         ]
     if mode == "caffe":
@@ -148,13 +159,20 @@ def preprocessing_layers(mode: str) -> list[keras.layers.Layer]:
     raise ConfigError(f"unknown preprocessing mode {mode!r}")
 
 
-def build_backbone(name: str, image_size: int, weights: str) -> keras.Model:
-    """Build a frozen backbone: raw RGB (image_size, image_size, 3) -> pooled features."""
+def build_backbone(
+    name: str, image_size: int, weights: str, trainable: bool = False
+) -> keras.Model:
+    """Raw RGB (image_size, image_size, 3) -> pooled features.
+
+    Frozen (the default) for pretrained weights, where the base runs once per image through the
+    feature cache; trainable for training from scratch (weights "none"): a frozen *random* base
+    would hand the head near-constant features, so from scratch means the whole network learns.
+    """
     spec = get_spec(name)
-    if not spec.frozen:
-        raise ConfigError(f"backbone {name!r} is trained end to end and has no frozen base")
     if weights not in ("imagenet", "none"):
         raise ConfigError(f"unknown weights {weights!r}: use 'imagenet' or 'none'")
+    if not spec.frozen:
+        return build_baseline_cnn(image_size)
     shape = (image_size, image_size, 3)
     if spec.source == "ported":
         from search import pretrained
@@ -164,15 +182,20 @@ def build_backbone(name: str, image_size: int, weights: str) -> keras.Model:
         )
     else:
         base = _build_keras_application(spec, shape, weights)
-    base.trainable = False
+    base.trainable = trainable
     inputs = keras.Input(shape=shape, name="image")
     x = inputs
     for layer in preprocessing_layers(spec.preprocess):
         x = layer(x)
-    outputs = base(x, training=False)
+    outputs = base(x) if trainable else base(x, training=False)
     model = keras.Model(inputs, outputs, name=f"{name}_features")
-    model.trainable = False
+    model.trainable = trainable
     return model
+
+
+def trains_end_to_end(name: str, weights: str) -> bool:
+    """The baseline CNN always does; any backbone does when trained from scratch."""
+    return not get_spec(name).frozen or weights == "none"
 
 
 def _build_keras_application(spec: BackboneSpec, shape: tuple[int, int, int], weights: str) -> Any:
@@ -196,11 +219,12 @@ def build_baseline_cnn(image_size: int) -> keras.Model:
     """A small CNN trained from scratch: the floor every transfer-learning trial must beat."""
     inputs = keras.Input(shape=(image_size, image_size, 3), name="image")
     x = preprocessing_layers("unit")[0](inputs)
-    x = keras.layers.RandomFlip("horizontal", name="aug_flip")(x)
-    x = keras.layers.RandomTranslation(0.1, 0.1, name="aug_shift")(x)
     for i, filters in enumerate((32, 64, 128, 256)):
-        x = keras.layers.Conv2D(filters, 3, strides=2, padding="same", use_bias=False, name=f"conv{i}")(x)
-        x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+        x = keras.layers.Conv2D(
+            filters, 3, strides=2, padding="same", use_bias=False, name=f"conv{i}"
+        )(x)
+        # Fast-moving statistics: small data sets give few steps per epoch.
+        x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
     outputs = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     return keras.Model(inputs, outputs, name="baseline_cnn_features")

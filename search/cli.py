@@ -22,7 +22,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # keep TensorFlow's C++ bann
 def _common(parser: argparse.ArgumentParser) -> None:
     """Options that map onto Settings; unset ones fall back to SEARCH_* variables, then defaults."""
     g = parser.add_argument_group("settings (else SEARCH_<NAME> environment variables)")
-    g.add_argument("--storage", help="study storage URL (default sqlite:///study_db/search.sqlite3)")
+    g.add_argument(
+        "--storage", help="study storage URL (default sqlite:///study_db/search.sqlite3)"
+    )
     g.add_argument("--study", help="study name (default rare-species)")
     g.add_argument("--data-dir", dest="data_dir", type=Path, help="prepared data (data/prepared)")
     g.add_argument("--features-dir", dest="features_dir", type=Path, help="feature cache")
@@ -163,8 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run trials of the study until its budget is spent")
     _common(p)
-    p.add_argument("--n-trials", dest="n_trials", type=int, default=None,
-                   help="stop when the study holds this many complete or pruned trials")  # fmt: skip
+    p.add_argument(
+        "--n-trials",
+        dest="n_trials",
+        type=int,
+        default=None,
+        help="stop when the study holds this many complete or pruned trials",
+    )
     p.add_argument("--timeout", type=float, default=None, help="stop after this many seconds")
     p.add_argument("--weights", choices=["imagenet", "none"], help="backbone weights (imagenet)")
     p.add_argument("--space", dest="space_file", type=Path, help="TOML/JSON narrowing the space")

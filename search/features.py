@@ -87,7 +87,9 @@ def load_or_compute(
         cache_root.mkdir(parents=True, exist_ok=True)
         with FileLock(str(cache_root / f"{key}.lock")):
             if not (final / "meta.json").exists():  # another worker may have finished meanwhile
-                _compute(data, backbone, weights, final, views=views, seed=seed, batch_size=batch_size)
+                _compute(
+                    data, backbone, weights, final, views=views, seed=seed, batch_size=batch_size
+                )
     return _load(final, key)
 
 

@@ -52,7 +52,7 @@ def decode_image(source: str | Path | BinaryIO, size: int) -> np.ndarray:
     except FileNotFoundError as exc:
         raise ImageDecodeError("missing file") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError("not an image (unknown or empty format)") from exc
+        raise ImageDecodeError("not an image") from exc
     except Image.DecompressionBombError as exc:
         raise ImageDecodeError("image too large (decompression-bomb guard)") from exc
     except (OSError, ValueError, SyntaxError, EOFError, IndexError, TypeError) as exc:

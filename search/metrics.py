@@ -26,7 +26,9 @@ def compute_metrics(y_true: np.ndarray, probs: np.ndarray) -> dict[str, float]:
         )
         if n_classes > 2
         else float(accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "macro_f1": float(
+            f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)
+        ),
         "weighted_f1": float(
             f1_score(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
         ),

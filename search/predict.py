@@ -40,7 +40,9 @@ def expand(inputs: list[Path]) -> list[Path]:
         item = Path(item)
         if item.is_dir():
             paths.extend(
-                sorted(p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+                sorted(
+                    p for p in item.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                )
             )
         else:
             paths.append(item)

@@ -62,7 +62,9 @@ class Champion:
     def predict(self, images: np.ndarray) -> np.ndarray:
         """Probabilities for uint8 images (n, size, size, 3)."""
         chunks = [
-            np.asarray(self.model.predict_on_batch(images[i : i + PREDICT_BATCH].astype(np.float32)))
+            np.asarray(
+                self.model.predict_on_batch(images[i : i + PREDICT_BATCH].astype(np.float32))
+            )
             for i in range(0, len(images), PREDICT_BATCH)
         ]
         return np.concatenate(chunks) if chunks else np.zeros((0, len(self.classes)), np.float32)
@@ -97,7 +99,8 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     ]
     if not complete:
         raise RegistryError(
-            f"study {study.study_name!r} has no complete trial to promote: run `search worker` first"
+            f"study {study.study_name!r} has no complete trial to promote: "
+            "run `search worker` first"
         )
     return max(complete, key=lambda t: (t.value, -t.number))
 
@@ -161,7 +164,11 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
             "prepare the same source again, or point --data-dir at it"
         )
     current = _current_info(models_dir)
-    if current and current.get("study") == study.study_name and current.get("trial") == trial.number:
+    if (
+        current
+        and current.get("study") == study.study_name
+        and current.get("trial") == trial.number
+    ):
         return {"promoted": False, "reason": "already champion", **current}
     history = models_dir / "history"
     history.mkdir(parents=True, exist_ok=True)
@@ -172,7 +179,9 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
         store = FileSystemArtifactStore(str(settings.artifacts_dir))
         checkpoint = staging / "trial_checkpoint.keras"
         download_artifact(
-            artifact_store=store, file_path=str(checkpoint), artifact_id=trial.user_attrs["checkpoint"]
+            artifact_store=store,
+            file_path=str(checkpoint),
+            artifact_id=trial.user_attrs["checkpoint"],
         )
         keras.backend.clear_session()
         model = assemble(trial, checkpoint, data, settings, attrs)
@@ -198,7 +207,9 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
             "params": trial.params,
             "seed": trial.user_attrs.get("seed"),
             "validation": {
-                k.removeprefix("val_"): v for k, v in trial.user_attrs.items() if k.startswith("val_")
+                k.removeprefix("val_"): v
+                for k, v in trial.user_attrs.items()
+                if k.startswith("val_")
             },
             "test": test_metrics,
             "previous": comparison,

@@ -28,9 +28,7 @@ def rerun(settings: Settings, number: int) -> tuple[dict[str, Any], int]:
         skip_if_exists=False,
     )
     run_worker(settings, n_trials=None, max_trials_here=1)
-    reruns = [
-        t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rerun_of") == number
-    ]
+    reruns = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("rerun_of") == number]
     latest = max(reruns, key=lambda t: t.number)
     values = {"original": original.value, "rerun": latest.value}
     return values, latest.number

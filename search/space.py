@@ -123,7 +123,8 @@ def narrow(name: str, value: Any) -> Dimension:
                 get_spec(choice)
             elif choice not in default.choices:
                 raise ConfigError(
-                    f"search-space parameter {name!r}: {choice!r} is not one of {list(default.choices)}"
+                    f"search-space parameter {name!r}: {choice!r} is not one of "
+                    f"{list(default.choices)}"
                 )
         return Categorical(choices)
     if isinstance(value, dict):

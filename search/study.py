@@ -8,6 +8,7 @@ import platform
 import random
 import sqlite3
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -22,6 +23,9 @@ from search.errors import ConfigError, StorageError
 from search.settings import Settings
 
 T = TypeVar("T")
+# Heartbeats, the retry callback and grouped TPE are marked experimental; we rely on them on
+# purpose and the warnings would only clutter every worker's log.
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PRUNERS = ("median", "hyperband", "sha", "percentile", "none")
 TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 

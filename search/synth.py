@@ -81,8 +81,7 @@ def load_families() -> list[FamilyInfo]:
     text = resources.files("search").joinpath(FAMILY_TABLE).read_text(encoding="utf-8")
     rows = csv.DictReader(io.StringIO(text))
     return [
-        FamilyInfo(r["family"], r["phylum"], int(r["n_images"]), int(r["n_species"]))
-        for r in rows
+        FamilyInfo(r["family"], r["phylum"], int(r["n_images"]), int(r["n_species"])) for r in rows
     ]
 
 
@@ -146,9 +145,7 @@ def _check_args(
         raise ConfigError(f"total_images must be positive, got {total_images}")
 
 
-def _choose_families(
-    table: list[FamilyInfo], n: int, rng: np.random.Generator
-) -> list[FamilyInfo]:
+def _choose_families(table: list[FamilyInfo], n: int, rng: np.random.Generator) -> list[FamilyInfo]:
     """One family from each of `n` size-quantile bins: the real imbalance survives a small n."""
     by_size = sorted(table, key=lambda f: (f.n_images, f.family))
     bins = np.array_split(np.arange(len(by_size)), n)
@@ -254,6 +251,7 @@ def _write_zip(
     """Write beside `out`, then rename: a crash never leaves a half zip under the real name."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it private; it stands in for a downloaded file
     try:
         with zipfile.ZipFile(tmp, "w") as zf:
             _zip_dir(zf, f"{ZIP_TOP}/")
@@ -286,6 +284,7 @@ def _write_folder(
     seed: int,
 ) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    tmp.chmod(0o755)
     try:
         (tmp / "metadata.csv").write_bytes(_metadata_bytes(rows))
         for f in chosen:

@@ -25,7 +25,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna_dashboard import save_plotly_graph_object
 
 from search import features as feature_cache
-from search.backbones import build_baseline_cnn, get_spec
+from search.backbones import build_backbone, get_spec, trains_end_to_end
 from search.dataset import PreparedData
 from search.metrics import compute_metrics, macro_f1
 from search.settings import Settings
@@ -85,7 +85,7 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     n_classes = len(data.classes)
     keras.backend.clear_session()
     spec = get_spec(params["backbone"])
-    if spec.frozen:
+    if not trains_end_to_end(spec.name, settings.weights):
         feats = feature_cache.load_or_compute(
             data,
             spec.name,
@@ -96,16 +96,22 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
         )
         trial.set_user_attr("feature_key", feats.key)
         keras.utils.set_random_seed(seed)
-        model = build_head(feats.dim, n_classes, params)
+        plain = feats.train[0].astype(np.float32)
+        model = build_head(
+            feats.dim, n_classes, params, feature_stats=(plain.mean(0), plain.var(0))
+        )
         train = Batches(feats.train, feats.train_labels, data, params["batch_size"], seed)
         val_x, val_y = feats.val.astype(np.float32), feats.val_labels
         kind = "head"
     else:
         keras.utils.set_random_seed(seed)
         images, labels = data.arrays("train")
-        body = build_baseline_cnn(data.image_size)
+        body = build_backbone(spec.name, data.image_size, settings.weights, trainable=True)
         head = build_head(int(body.output_shape[-1]), n_classes, params)
-        model = keras.Model(body.input, head(body.output), name="baseline_cnn")
+        inputs = keras.Input(shape=(data.image_size, data.image_size, 3), name="image")
+        x = keras.layers.RandomFlip("horizontal", name="aug_flip")(inputs)  # training only
+        x = keras.layers.RandomTranslation(0.1, 0.1, name="aug_shift")(x)
+        model = keras.Model(inputs, head(body(x)), name=f"{spec.name}_end_to_end")
         train = Batches(images[None], labels, data, params["batch_size"], seed)
         val_x, val_y = data.arrays("val")
         kind = "full"
@@ -126,14 +132,18 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     trial.set_user_attr("epochs_run", len(history))
     trial.set_user_attr("train_seconds", round(time.monotonic() - started, 2))
     save_plotly_graph_object(
-        trial.study, learning_curves(history, trial.number), graph_object_id=f"curves-{trial.number}"
+        trial.study,
+        learning_curves(history, trial.number),
+        graph_object_id=f"curves-{trial.number}",
     )
     with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
         csv = Path(tmp) / HISTORY_NAME
         history.to_csv(csv, index=False)
         trial.set_user_attr(
             "history",
-            upload_artifact(artifact_store=env.artifact_store, file_path=str(csv), study_or_trial=trial),
+            upload_artifact(
+                artifact_store=env.artifact_store, file_path=str(csv), study_or_trial=trial
+            ),
         )
         if evaluator.nan_epoch is not None:
             raise TrialFailed(f"loss became NaN at epoch {evaluator.nan_epoch}")
@@ -157,14 +167,29 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     return evaluator.best_value
 
 
-def build_head(input_dim: int, n_classes: int, params: dict[str, Any]) -> keras.Model:
-    """1-3 dense layers (units, dropout each), optional batch norm, softmax over families."""
+def build_head(
+    input_dim: int,
+    n_classes: int,
+    params: dict[str, Any],
+    feature_stats: tuple[np.ndarray, np.ndarray] | None = None,
+) -> keras.Model:
+    """1-3 dense layers (units, dropout each), optional batch norm, softmax over families.
+
+    With `feature_stats` (mean, variance of the training features) the head first standardises
+    its input: backbones emit features on very different scales, and one learning-rate range
+    must suit them all.
+    """
     inputs = keras.Input(shape=(input_dim,), name="features")
     x = inputs
+    if feature_stats is not None:
+        mean, var = feature_stats
+        x = keras.layers.Normalization(mean=mean, variance=var + 1e-6, name="standardize")(x)
     for i in range(params["n_layers"]):
-        x = keras.layers.Dense(params[f"units_{i}"], use_bias=not params["batch_norm"], name=f"dense{i}")(x)
+        x = keras.layers.Dense(
+            params[f"units_{i}"], use_bias=not params["batch_norm"], name=f"dense{i}"
+        )(x)
         if params["batch_norm"]:
-            x = keras.layers.BatchNormalization(name=f"bn{i}")(x)
+            x = keras.layers.BatchNormalization(momentum=0.9, name=f"bn{i}")(x)
         x = keras.layers.ReLU(name=f"relu{i}")(x)
         x = keras.layers.Dropout(params[f"dropout_{i}"], name=f"dropout{i}")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="family")(x)
@@ -289,7 +314,9 @@ def learning_curves(history: pd.DataFrame, trial_number: int) -> go.Figure:
     fig = go.Figure()
     if not history.empty:
         fig.add_scatter(x=history["epoch"], y=history["loss"], name="train loss")
-        fig.add_scatter(x=history["epoch"], y=history["val_macro_f1"], name="val macro-F1", yaxis="y2")
+        fig.add_scatter(
+            x=history["epoch"], y=history["val_macro_f1"], name="val macro-F1", yaxis="y2"
+        )
     fig.update_layout(
         title=f"Trial {trial_number}: learning curves",
         xaxis_title="epoch",

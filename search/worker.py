@@ -87,7 +87,8 @@ def join_study(settings: Settings, data: PreparedData) -> tuple[optuna.Study, di
     if attrs["data_hash"] != data.data_hash:
         raise ConfigError(
             f"study {settings.study!r} was created on prepared data {attrs['data_hash'][:12]}, "
-            f"but {settings.data_dir} holds {data.data_hash[:12]}: use the same data, or a new --study"
+            f"but {settings.data_dir} holds {data.data_hash[:12]}: use the same data, "
+            "or a new --study"
         )
     return study, attrs
 

@@ -22,7 +22,7 @@ PROMOTE = str(Path(sys.executable).parent / "promote-best")
 IMAGE_SIZE = 32
 FAST_SPACE = """
 [space]
-backbone = ["mobilenet_v2", "baseline_cnn"]
+backbone = ["efficientnet_lite0", "baseline_cnn"]
 n_layers = {low = 1, high = 2}
 units = {low = 32, high = 128}
 batch_size = [32, 64]
@@ -62,7 +62,7 @@ def search_env(workspace: Path, **extra: str) -> dict[str, str]:
             "SEARCH_MODELS_DIR": str(workspace / "models"),
             "SEARCH_ARTIFACTS_DIR": str(workspace / "models" / "artifacts"),
             "SEARCH_SPACE_FILE": str(workspace / "space.toml"),
-            "SEARCH_WEIGHTS": "none",
+            "SEARCH_WEIGHTS": "imagenet",  # the offline ported weights: no download
             "SEARCH_MAX_EPOCHS": "4",
             "SEARCH_FEATURE_VIEWS": "1",
             "PYTHONUNBUFFERED": "1",

@@ -17,7 +17,7 @@ from search.worker import run_worker
 from tests.conftest import PROMOTE, run_cli, search_env
 
 HEAD = {
-    "backbone": "mobilenet_v2",
+    "backbone": "efficientnet_lite0",
     "n_layers": 1,
     "units_0": 64,
     "dropout_0": 0.1,
@@ -37,7 +37,7 @@ def searched(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Pa
 
     ws = tmp_path_factory.mktemp("searched")
     shutil.copytree(prepared_dir, ws / "data" / "prepared")
-    (ws / "space.toml").write_text('[space]\nbackbone = ["mobilenet_v2", "baseline_cnn"]\n')
+    (ws / "space.toml").write_text('[space]\nbackbone = ["efficientnet_lite0", "baseline_cnn"]\n')
     settings = Settings.load(environ=search_env(ws, SEARCH_PRUNER="none"))
     study = create_or_load(open_storage(settings, heartbeat=False), settings)
     study.enqueue_trial(HEAD)
@@ -76,16 +76,23 @@ def test_champion_matches_head_on_cached_features(searched: Path) -> None:
     env = search_env(searched)
     settings = Settings.load(environ=env)
     study = load(open_storage(settings, heartbeat=False), settings)
-    trial = next(t for t in study.trials if t.params.get("backbone") == "mobilenet_v2")
+    trial = next(t for t in study.trials if t.params.get("backbone") == "efficientnet_lite0")
     data = load_prepared(settings.data_dir)
     attrs = study.user_attrs
-    feats = load_or_compute(data, "mobilenet_v2", "none", settings.features_dir,
-                            views=int(attrs["feature_views"]), seed=int(attrs["feature_seed"]))  # fmt: skip
+    feats = load_or_compute(
+        data,
+        "efficientnet_lite0",
+        "imagenet",
+        settings.features_dir,
+        views=int(attrs["feature_views"]),
+        seed=int(attrs["feature_seed"]),
+    )
     import keras
     from optuna.artifacts import FileSystemArtifactStore, download_artifact
 
     path = searched / "head.keras"
-    download_artifact(artifact_store=FileSystemArtifactStore(str(settings.artifacts_dir)),
+    store = FileSystemArtifactStore(str(settings.artifacts_dir))
+    download_artifact(artifact_store=store,
                       file_path=str(path), artifact_id=trial.user_attrs["checkpoint"])  # fmt: skip
     head = keras.models.load_model(path, compile=False)
     end_to_end = assemble(trial, path, data, settings, attrs)

@@ -12,7 +12,7 @@ from search.worker import run_worker
 from tests.conftest import search_env
 
 GOOD = {
-    "backbone": "baseline_cnn",
+    "backbone": "efficientnet_lite0",
     "n_layers": 1,
     "units_0": 64,
     "dropout_0": 0.0,
@@ -23,7 +23,7 @@ GOOD = {
     "label_smoothing": 0.0,
     "weight_decay": 1e-6,
 }
-# Same model, but a learning rate 100x too small for plain SGD: it barely moves in 6 epochs.
+# Same head, but a learning rate 100x too small for plain SGD: it barely moves in 6 epochs.
 BAD = {**GOOD, "optimizer": "sgd", "learning_rate": 1e-4}
 
 

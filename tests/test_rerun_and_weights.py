@@ -50,7 +50,9 @@ def test_space_asking_for_unavailable_weights_fails_before_any_trial(
         if key.startswith("SEARCH_"):
             monkeypatch.setenv(key, value)
     (workspace / "s.toml").write_text('[space]\nbackbone = ["vgg16"]\n')
-    code = main(["worker", "--n-trials", "1", "--weights", "imagenet", "--space", str(workspace / "s.toml")])
+    code = main(
+        ["worker", "--n-trials", "1", "--weights", "imagenet", "--space", str(workspace / "s.toml")]
+    )
     err = capsys.readouterr().err
     assert code != 0 and "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in err
     assert "Traceback" not in err

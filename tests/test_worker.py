@@ -48,10 +48,15 @@ def test_three_workers_started_together_share_one_fresh_sqlite_study(workspace: 
     best = study.best_trial
     store = FileSystemArtifactStore(str(workspace / "models" / "artifacts"))
     path = workspace / "best.keras"
-    download_artifact(artifact_store=store, file_path=str(path), artifact_id=best.user_attrs["checkpoint"])
+    download_artifact(
+        artifact_store=store, file_path=str(path), artifact_id=best.user_attrs["checkpoint"]
+    )
     model = keras.models.load_model(path, compile=False)
     assert model.output_shape[-1] == len(study.user_attrs["classes"])
     assert 0.0 <= best.value <= 1.0
     for key in ("val_accuracy", "val_top5_accuracy", "val_auc", "val_loss", "seed"):
         assert key in best.user_attrs, key
-    assert study.user_attrs["data_hash"] and study.user_attrs["versions"]["optuna"] == optuna.__version__
+    assert (
+        study.user_attrs["data_hash"]
+        and study.user_attrs["versions"]["optuna"] == optuna.__version__
+    )

@@ -1,0 +1,142 @@
+"""The synthetic data set: real layout, real families and imbalance, learnable but not trivial."""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+import uuid
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from data_helpers import read_csv
+from PIL import Image
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import balanced_accuracy_score
+from sklearn.model_selection import train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+
+from search.errors import ConfigError
+from search.images import decode_image
+from search.synth import METADATA_COLUMNS, generate, load_families
+
+NAME = re.compile(
+    r"^(?P<phylum>[a-z]+)_(?P<family>[a-z]+)/(?P<c>\d+)_(?P<p>\d+)_eol-full-size-copy\.jpg$"
+)
+
+
+def test_zip_has_the_real_layout(tmp_path: Path) -> None:
+    path = generate(
+        tmp_path / "rare_species.zip", n_families=6, total_images=100, image_px=48, as_zip=True
+    )
+    assert path == tmp_path / "rare_species.zip"
+    real = {f.family: f for f in load_families()}
+    with zipfile.ZipFile(path) as zf:
+        names = set(zf.namelist())
+        assert all(n.startswith("rare_species/") for n in names)
+        text = zf.read("rare_species/metadata.csv").decode()
+        rows = list(csv.DictReader(io.StringIO(text)))
+        assert text.splitlines()[0] == ",".join(METADATA_COLUMNS)
+        sizes = set()
+        for r in rows:
+            m = NAME.match(r["file_path"])
+            assert m, r["file_path"]
+            assert (m["phylum"], m["family"]) == (r["phylum"], r["family"])
+            assert (m["c"], m["p"]) == (r["eol_content_id"], r["eol_page_id"])
+            assert r["kingdom"] == "animalia" and real[r["family"]].phylum == r["phylum"]
+            assert uuid.UUID(r["rare_species_id"]).version == 4
+            img = Image.open(io.BytesIO(zf.read(f"rare_species/{r['file_path']}")))
+            assert img.format == "JPEG"
+            sizes.add(img.size)
+    assert len({r["rare_species_id"] for r in rows}) == len(rows)
+    assert len({r["eol_content_id"] for r in rows}) == len(rows)
+    assert len({r["family"] for r in rows}) == 6
+    assert all(43 <= s <= 53 for wh in sizes for s in wh)
+    assert any(w != h for w, h in sizes) and len(sizes) > 10
+    # a species (eol_page_id) belongs to one family
+    fam_of: dict[str, set[str]] = {}
+    for r in rows:
+        fam_of.setdefault(r["eol_page_id"], set()).add(r["family"])
+    assert all(len(f) == 1 for f in fam_of.values())
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    kw = {"n_families": 3, "total_images": 30, "image_px": 32, "as_zip": True}
+    a = generate(tmp_path / "a.zip", seed=1, **kw).read_bytes()
+    b = generate(tmp_path / "b.zip", seed=1, **kw).read_bytes()
+    c = generate(tmp_path / "c.zip", seed=2, **kw).read_bytes()
+    assert a == b and a != c
+
+
+def test_counts_follow_the_real_imbalance(tmp_path: Path) -> None:
+    folder = generate(tmp_path / "d", n_families=12, total_images=240, image_px=16, seed=3)
+    rows = read_csv(folder / "metadata.csv")
+    real = {f.family: f for f in load_families()}
+    per_family: dict[str, list[str]] = {}
+    for r in rows:
+        per_family.setdefault(r["family"], []).append(r["eol_page_id"])
+        assert (folder / r["file_path"]).is_file()
+    counts = {f: len(v) for f, v in per_family.items()}
+    assert len(counts) == 12 and min(counts.values()) >= 8
+    assert 240 <= len(rows) <= 240 + 12 * 8
+    assert max(counts.values()) >= 3 * min(counts.values())  # real imbalance survives scaling
+    for fam, pages in per_family.items():
+        species = {p: pages.count(p) for p in set(pages)}
+        assert len(species) == max(1, min(real[fam].n_species, counts[fam] // 2))
+        assert min(species.values()) >= 2 or len(species) == 1
+    for a in counts:  # scaling keeps the order of the real counts
+        for b in counts:
+            if real[a].n_images < real[b].n_images:
+                assert counts[a] <= counts[b]
+
+
+def test_images_per_family_range(tmp_path: Path) -> None:
+    folder = generate(tmp_path / "d", n_families=5, images_per_family=(10, 20), image_px=16)
+    counts: dict[str, int] = {}
+    for r in read_csv(folder / "metadata.csv"):
+        counts[r["family"]] = counts.get(r["family"], 0) + 1
+    assert min(counts.values()) == 10 and max(counts.values()) == 20
+
+
+def test_refuses_to_overwrite_and_bad_arguments(tmp_path: Path) -> None:
+    target = tmp_path / "rare_species.zip"
+    target.write_bytes(b"the user's real download")
+    with pytest.raises(ConfigError, match="already exists"):
+        generate(target, as_zip=True)
+    assert target.read_bytes() == b"the user's real download"
+    with pytest.raises(ConfigError, match="n_families"):
+        generate(tmp_path / "x", n_families=500)
+    assert not (tmp_path / "x").exists()
+
+
+def test_learnable_but_not_trivial(tmp_path: Path) -> None:
+    """A weak model (linear on raw pixels) beats chance, a better one (linear on colour and
+    orientation-frequency features) beats it clearly, and neither is perfect."""
+    folder = generate(tmp_path / "d", n_families=8, total_images=400, image_px=48, seed=0)
+    rows = read_csv(folder / "metadata.csv")
+    x = np.stack([decode_image(folder / r["file_path"], 32) for r in rows]).astype(np.float32)
+    y = np.unique([r["family"] for r in rows], return_inverse=True)[1]
+    raw = x[:, ::2, ::2].reshape(len(x), -1) / 255.0
+    hsv = np.stack([np.asarray(Image.fromarray(a.astype(np.uint8)).convert("HSV")) for a in x])
+    hist = np.stack(
+        [
+            np.histogramdd(h.reshape(-1, 3), bins=(12, 2, 2), range=((0, 256),) * 3)[0].ravel()
+            for h in hsv.astype(np.float64)
+        ]
+    ) / (32 * 32)
+    gray = x.mean(-1) - x.mean((1, 2, 3))[:, None, None]
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(gray), axes=(1, 2)))[:, 8:24, 8:24]
+    better = np.hstack([hist, np.log1p(spectrum).reshape(len(x), -1)])
+    train, test = train_test_split(np.arange(len(y)), test_size=0.3, stratify=y, random_state=0)
+    scores = []
+    for features in (raw, better):
+        model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000, C=0.05))
+        model.fit(features[train], y[train])
+        scores.append(balanced_accuracy_score(y[test], model.predict(features[test])))
+    weak, strong = scores
+    chance = 1 / 8
+    assert 2 * chance < weak < strong - 0.15
+    assert 4 * chance < strong < 0.97
