@@ -137,6 +137,52 @@ def cmd_rerun(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    from search.status import collect, render
+
+    report = collect(_settings(args))
+    print(_dump(report) if args.json else render(report))
+    return 0
+
+
+def cmd_registry(args: argparse.Namespace) -> int:
+    from search.registry import history, render_history
+
+    entries = history(_settings(args))
+    print(_dump(entries) if args.json else render_history(entries))
+    return 0
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    from search.registry import rollback
+
+    result = rollback(_settings(args), args.version)
+    print(f"champion is now {result['version']} (was {result.get('previous')})")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from search.evaluate import evaluate_champion
+
+    result = evaluate_champion(_settings(args), args.model)
+    print(_dump(result) if args.json else result["summary"])
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from search.finetune import finetune
+
+    result = finetune(
+        _settings(args),
+        trial=args.trial,
+        unfreeze=args.unfreeze,
+        epochs=args.epochs,
+        learning_rate=args.learning_rate,
+    )
+    print(result["summary"])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="search", description="Hyperparameter search for rare-species family classifiers."
@@ -197,6 +243,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", type=Path, help="write here instead of standard output")
     p.add_argument("--model", type=Path, help="a registry version folder instead of the champion")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("status", help="trials by state, best trial, throughput, live workers")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("registry", help="list every champion ever promoted")
+    _common(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_registry)
+
+    p = sub.add_parser("rollback", help="make an earlier champion current again")
+    _common(p)
+    p.add_argument("version", nargs="?", help="version id (default: the one before the current)")
+    p.set_defaults(func=cmd_rollback)
+
+    p = sub.add_parser("evaluate", help="test-split evaluation, reports and error gallery")
+    _common(p)
+    p.add_argument("--model", type=Path, help="a registry version folder (default: champion)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("finetune", help="unfreeze the top of the best trial's backbone")
+    _common(p)
+    p.add_argument("--trial", type=int, help="trial number (default: the best)")
+    p.add_argument("--unfreeze", type=int, default=20, help="top layers to unfreeze")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-5)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("rerun", help="re-run a trial with its params and seed")
     _common(p)
