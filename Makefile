@@ -5,6 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ENV := SEARCH_STORAGE=sqlite:///study_db/demo.sqlite3 SEARCH_STUDY=demo \
 	SEARCH_DATA_DIR=data/demo/prepared SEARCH_FEATURES_DIR=data/demo/features
+DEMO_WORKER := --n-trials 24 --max-epochs 20 --weights imagenet --space configs/demo_space.toml
 
 .PHONY: install demo test lint bench clean-demo
 
@@ -18,17 +19,19 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on generated data: synth -> prepare -> 2 workers on the SQLite default -> promote
-# -> predict. Starts from a fresh demo study each time and promotes with --force.
+# The main job on generated data: synth -> prepare -> 2 workers sharing the SQLite default ->
+# promote -> predict on held-out test photos. Starts from a fresh demo study; promotes with --force
+# because each run is a new search.
 demo: install clean-demo
 	$(BIN)/search synth data/demo/rare_species.zip --zip --families 16 --images 900 --image-px 128
 	$(DEMO_ENV) $(BIN)/search prepare data/demo/rare_species.zip --image-size 96
-	$(DEMO_ENV) $(BIN)/search worker --n-trials 24 --max-epochs 20 --weights imagenet \
-		--space demo/space.toml & \
-	$(DEMO_ENV) $(BIN)/search worker --n-trials 24 --max-epochs 20 --weights imagenet \
-		--space demo/space.toml; wait
+	$(DEMO_ENV) $(BIN)/search worker $(DEMO_WORKER) & first=$$!; \
+	$(DEMO_ENV) $(BIN)/search worker $(DEMO_WORKER); second=$$?; \
+	wait $$first && test $$second -eq 0
 	$(DEMO_ENV) $(BIN)/promote-best --force
-	$(DEMO_ENV) $(BIN)/search predict --top-k 3 data/demo/prepared/sample_images
+	cd data/demo && unzip -q rare_species.zip -d unzipped
+	awk -F, 'NR > 1 && $$10 == "test" { print "data/demo/unzipped/rare_species/" $$8 }' \
+		data/demo/prepared/manifest.csv | head -n 6 | xargs env $(DEMO_ENV) $(BIN)/search predict --top-k 3
 
 clean-demo:
 	rm -rf data/demo study_db/demo.sqlite3 study_db/demo.sqlite3-wal study_db/demo.sqlite3-shm \
