@@ -131,9 +131,15 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_rerun(args: argparse.Namespace) -> int:
     from search.rerun import rerun
 
-    value, number = rerun(_settings(args), args.trial)
-    original = f" (trial {args.trial} scored {value['original']:.4f})"
-    print(f"re-ran trial {args.trial} as trial {number}: value {value['rerun']:.4f}{original}")
+    values, number = rerun(_settings(args), args.trial)
+
+    def show(value: float | None) -> str:
+        return "none (pruned or failed)" if value is None else f"{value:.4f}"
+
+    print(
+        f"re-ran trial {args.trial} as trial {number}: value {show(values['rerun'])} "
+        f"(original {show(values['original'])})"
+    )
     return 0
 
 
