@@ -71,7 +71,10 @@ def objective(trial: optuna.Trial, env: TrialEnv) -> float:
     params = sample(trial, env.space)
     try:
         return _train(trial, env, params, seed)
-    except (TrialFailed, TrialInterrupted, optuna.TrialPruned):
+    except TrialFailed as exc:
+        trial.set_user_attr("fail_reason", str(exc)[:500])
+        raise
+    except (TrialInterrupted, optuna.TrialPruned):
         raise
     except Exception as exc:  # out of memory and other backend errors: fail this trial only
         reason = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc) else ''}"
