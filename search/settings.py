@@ -25,6 +25,7 @@ class Settings:
     features_dir: Path = Path("data/features")
     models_dir: Path = Path("models")
     artifacts_dir: Path = Path("models/artifacts")
+    artifact_url: str = ""  # s3://bucket: S3-compatible artifact store instead of artifacts_dir
     weights: str = "none"
     space_file: Path | None = None
     max_epochs: int = 20

@@ -1,5 +1,6 @@
 """Storage URL -> Optuna storage and study: SQLite tuned for several local workers, PostgreSQL with
-a small pre-pinged pool, heartbeats with retry of stale trials, sampler and pruner choice."""
+a small pre-pinged pool, heartbeats with retry of stale trials, sampler and pruner choice; the
+artifact store (a folder, or S3-compatible storage) and the gRPC storage proxy for large fleets."""
 
 from __future__ import annotations
 
@@ -7,16 +8,22 @@ import importlib.metadata
 import platform
 import random
 import sqlite3
+import sys
 import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import optuna
+import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.pool
 from filelock import FileLock
-from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
+from optuna.artifacts._protocol import ArtifactStore
+from optuna.storages import GrpcStorageProxy, RDBStorage, RetryHeartbeatStaleTrialCallback
 from sqlalchemy.engine import make_url
 
 from search.errors import ConfigError, StorageError
@@ -28,6 +35,7 @@ T = TypeVar("T")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PRUNERS = ("median", "hyperband", "sha", "percentile", "none")
 TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+SCHEMA_LOCK = 0x5EA4C4  # pg_advisory_lock key: one process at a time creates the tables
 
 
 def redact(url: str) -> str:
@@ -45,18 +53,35 @@ def sqlite_path(url: str) -> Path | None:
     return Path(parsed.database)
 
 
+POOL_SIZE = 2  # the worker's main thread and its heartbeat thread
+MAX_OVERFLOW = 1  # a spare for the rare overlap (status, callbacks): 3 connections at most
+
+
 def engine_kwargs(url: str) -> dict[str, Any]:
     """SQLite: wait on a locked file instead of failing. Others: a small pool that checks each
-    connection before use, so workers survive a database restart."""
+    connection before use, so workers survive a database restart; its size bounds the
+    connections one worker can hold (docs/fleet.md does the max_connections arithmetic)."""
     if make_url(url).get_backend_name() == "sqlite":
         return {"connect_args": {"timeout": 120}}
     return {
-        "pool_size": 2,
-        "max_overflow": 2,
+        "pool_size": POOL_SIZE,
+        "max_overflow": MAX_OVERFLOW,
         "pool_pre_ping": True,
         "pool_recycle": 300,
         "connect_args": {"connect_timeout": 10},
     }
+
+
+def is_transient(exc: BaseException | None) -> bool:
+    """A lost database connection anywhere in the exception's chain: Optuna wraps some in
+    StorageInternalError, and its tell can turn one into another error on its way out."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, TRANSIENT):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_s: float = 0.5) -> T:
@@ -64,7 +89,9 @@ def with_retries(fn: Callable[[], T], what: str, attempts: int = 6, base_s: floa
     for attempt in range(attempts):
         try:
             return fn()
-        except TRANSIENT as exc:
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
             if attempt == attempts - 1:
                 raise StorageError(f"{what} failed after {attempts} tries: {_reason(exc)}") from exc
             time.sleep(base_s * 2**attempt * (0.5 + random.random()))
@@ -76,9 +103,32 @@ def _reason(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage:
-    """Open (and create if needed) the RDB storage named by settings.storage."""
+class ResilientRDBStorage(RDBStorage):
+    """RDBStorage whose heartbeat outlives a database restart.
+
+    Optuna's heartbeat thread ends at the first error it meets, so a short outage would leave a
+    healthy trial without heartbeat, and another worker would fail it as stale half-way through.
+    Here a failed beat is logged and the next one, an interval later, tries again."""
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            super().record_heartbeat(trial_id)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            print(
+                f"heartbeat: trial id {trial_id} missed a beat ({_reason(exc)}); trying again",
+                file=sys.stderr,
+                flush=True,
+            )
+
+
+def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage | GrpcStorageProxy:
+    """Open (and create if needed) the RDB storage named by settings.storage, or connect to a
+    storage proxy for grpc://host:port."""
     url = settings.storage
+    if url.startswith("grpc://"):
+        return _connect_proxy(url)
     try:
         make_url(url)
     except Exception:
@@ -98,7 +148,20 @@ def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage:
     db_path = sqlite_path(url)
 
     def create() -> RDBStorage:
-        return RDBStorage(url, engine_kwargs=engine_kwargs(url), **hb)
+        if make_url(url).get_backend_name() != "postgresql":
+            return ResilientRDBStorage(url, engine_kwargs=engine_kwargs(url), **hb)
+        # Workers started together race to create Optuna's tables on a fresh database, and
+        # PostgreSQL rejects all but one; an advisory lock lets them in one at a time. It is
+        # held by this connection and ends with it.
+        locker = sqlalchemy.create_engine(
+            url, poolclass=sqlalchemy.pool.NullPool, connect_args={"connect_timeout": 10}
+        )
+        try:
+            with locker.connect() as conn:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:key)"), {"key": SCHEMA_LOCK})
+                return ResilientRDBStorage(url, engine_kwargs=engine_kwargs(url), **hb)
+        finally:
+            locker.dispose()
 
     try:
         if db_path is None:
@@ -121,6 +184,62 @@ def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage:
         ) from None
     except ImportError as exc:
         raise StorageError(f"no database driver for {redact(url)}: {exc}") from None
+
+
+def _connect_proxy(url: str) -> GrpcStorageProxy:
+    """A client of `serve_storage_proxy`. Optuna 5's gRPC client sends no heartbeats, so behind
+    a proxy a SIGKILLed worker's trial is not failed on its own (docs/fleet.md)."""
+    parts = urlsplit(url)
+    if not parts.hostname or not parts.port:
+        raise StorageError(f"bad storage URL {url!r}: use grpc://host:port")
+    proxy = GrpcStorageProxy(host=parts.hostname, port=parts.port)
+    try:
+        proxy.wait_server_ready(timeout=60)
+    except ConnectionError:
+        raise StorageError(
+            f"cannot reach the storage proxy at {parts.hostname}:{parts.port}: check that the "
+            "storage-proxy service is running"
+        ) from None
+    return proxy
+
+
+def open_artifact_store(settings: Settings) -> ArtifactStore:
+    """Where checkpoints and histories go: `artifacts_dir` (a folder every worker and the
+    dashboard mount), or `artifact_url` = s3://bucket for S3-compatible storage, reached with
+    boto3's usual AWS_* variables (AWS_ENDPOINT_URL for MinIO and the like)."""
+    if not settings.artifact_url:
+        try:
+            settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(
+                f"cannot create the artifact folder {settings.artifacts_dir} ({exc.strerror}): "
+                "check --artifacts-dir / SEARCH_ARTIFACTS_DIR"
+            ) from None
+        return FileSystemArtifactStore(str(settings.artifacts_dir))
+    parts = urlsplit(settings.artifact_url)
+    if parts.scheme != "s3" or not parts.netloc or parts.path.strip("/") or parts.query:
+        raise ConfigError(
+            f"artifact URL {settings.artifact_url!r} is not supported: use s3://bucket (no "
+            "key prefix), or leave SEARCH_ARTIFACT_URL empty to use SEARCH_ARTIFACTS_DIR"
+        )
+    try:
+        import boto3  # noqa: F401  (optional: only S3 users need it)
+    except ImportError:
+        raise ConfigError(
+            "SEARCH_ARTIFACT_URL is an s3:// URL but boto3 is not installed: pip install boto3"
+        ) from None
+    return Boto3ArtifactStore(parts.netloc)
+
+
+def serve_storage_proxy(settings: Settings, host: str = "0.0.0.0", port: int = 13000) -> None:
+    """Serve the study storage over gRPC (Optuna's storage proxy): a large fleet then holds one
+    connection pool here instead of one per worker. Workers use SEARCH_STORAGE=grpc://host:port;
+    heartbeats and retries of stale trials run here, on the RDB side."""
+    from optuna.storages import run_grpc_proxy_server
+
+    storage = open_storage(settings)
+    print(f"storage proxy: serving {redact(settings.storage)} on {host}:{port}", flush=True)
+    run_grpc_proxy_server(storage, host=host, port=port)
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:

@@ -21,7 +21,8 @@ import numpy as np
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
+from optuna.artifacts._protocol import ArtifactStore  # the protocol has no public alias
 from optuna_dashboard import save_plotly_graph_object
 
 from search import features as feature_cache
@@ -51,7 +52,7 @@ class TrialEnv:
     settings: Settings
     data: PreparedData
     space: dict[str, Dimension]
-    artifact_store: FileSystemArtifactStore
+    artifact_store: ArtifactStore
     feature_seed: int = 0
     stop_requested: Callable[[], bool] = lambda: False
     log: Callable[[str], None] = field(default=lambda msg: print(msg, file=sys.stderr, flush=True))

@@ -1,31 +1,46 @@
-"""The worker loop: join the study, run trials until the study's budget is spent, stop cleanly.
+"""The worker loop: claim a GPU, join the study, run trials until the study's budget is spent,
+stop cleanly.
 
 Each trial runs inside `study.optimize(n_trials=1)`, so Optuna's heartbeat thread covers it and
 stale trials of dead workers are failed (and retried) before each new trial; between trials the
-loop checks the budget, the deadline and stop signals, and rides out storage outages.
+loop checks the budget, the deadline and stop signals, and rides out storage outages: a trial cut
+off by one is failed and queued again once the storage answers.
+
+Keras loads only after the GPU claim (search.space and search.trial import it), so that
+CUDA_VISIBLE_DEVICES is set before any backend starts.
 """
 
 from __future__ import annotations
 
+import copy
+import os
 import signal
+import socket
 import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore
-from optuna.storages import RetryHeartbeatStaleTrialCallback
-from optuna.trial import TrialState
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import RetryHeartbeatStaleTrialCallback, fail_stale_trials
+from optuna.trial import FrozenTrial, TrialState
 
-from search import space as search_space
 from search.dataset import PreparedData, load_prepared
 from search.errors import ConfigError, StorageError
+from search.gpu import GpuClaim
 from search.settings import Settings
-from search.study import TRANSIENT, create_or_load, library_versions, open_storage
-from search.trial import TrialEnv, TrialFailed, TrialInterrupted, objective
+from search.study import (
+    TRANSIENT,
+    create_or_load,
+    is_transient,
+    library_versions,
+    open_artifact_store,
+    open_storage,
+)
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+MAX_OUTAGE_TRIES = 8  # about 2 minutes of backoff (1, 2, 4 ... 30 s) before the worker gives up
 
 
 class StopFlag:
@@ -53,6 +68,7 @@ class WorkerReport:
     trials: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     stopped_by: str = "budget"
+    gpu: str | None = None
 
 
 def log(message: str) -> None:
@@ -61,6 +77,8 @@ def log(message: str) -> None:
 
 def join_study(settings: Settings, data: PreparedData) -> tuple[optuna.Study, dict[str, Any]]:
     """Open the study and make sure this worker searches what the study was created for."""
+    from search import space as search_space  # imports Keras
+
     storage = open_storage(settings)
     study = create_or_load(storage, settings)
     attrs = study.user_attrs
@@ -70,7 +88,6 @@ def join_study(settings: Settings, data: PreparedData) -> tuple[optuna.Study, di
             space, settings.weights, data.image_size, "backbone" in explicit
         )
         record = {
-            "data_hash": data.data_hash,
             "image_size": data.image_size,
             "classes": data.classes,
             "weights": settings.weights,
@@ -80,6 +97,8 @@ def join_study(settings: Settings, data: PreparedData) -> tuple[optuna.Study, di
             "split_by": data.info.get("split_by", "image"),
             "search_space": search_space.to_json(space),
             "versions": library_versions(),
+            # Last: workers starting together take data_hash as "the record is complete".
+            "data_hash": data.data_hash,
         }
         for key, value in record.items():
             study.set_user_attr(key, value)
@@ -100,10 +119,38 @@ def run_worker(
     stop: StopFlag | None = None,
     max_trials_here: int | None = None,
 ) -> WorkerReport:
-    """Run trials until the study holds `n_trials` finished (complete or pruned) trials, this
-    worker has run `max_trials_here`, the timeout passes, or a signal arrives."""
+    """Run trials until the study holds `n_trials` finished (complete or pruned) trials and no
+    queued ones, this worker has run `max_trials_here`, the timeout passes, or a signal arrives.
+    The GPU claimed first is held until the end, and released even when the process dies."""
     started = time.monotonic()
     stop = stop if stop is not None else StopFlag()
+    report = WorkerReport()
+    claim = GpuClaim(settings, stop=lambda: bool(stop), log=log)
+    if not claim.acquire():
+        report.stopped_by = "signal"
+    else:
+        try:
+            report.gpu = claim.gpu
+            _run(settings, n_trials, timeout, stop, max_trials_here, claim, report, started)
+        finally:
+            claim.release()
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def _run(
+    settings: Settings,
+    n_trials: int | None,
+    timeout: float | None,
+    stop: StopFlag,
+    max_trials_here: int | None,
+    claim: GpuClaim,
+    report: WorkerReport,
+    started: float,
+) -> None:
+    from search import space as search_space  # Keras loads here, after the GPU claim
+    from search.trial import TrialEnv, TrialFailed, TrialInterrupted, objective
+
     data = load_prepared(settings.data_dir)
     study, attrs = join_study(settings, data)
     settings = settings.replace(
@@ -111,36 +158,44 @@ def run_worker(
         feature_views=int(attrs["feature_views"]),
         max_epochs=int(attrs["max_epochs"]),
     )
-    settings.artifacts_dir.mkdir(parents=True, exist_ok=True)
     env = TrialEnv(
         settings=settings,
         data=data,
         space=search_space.from_json(attrs["search_space"]),
-        artifact_store=FileSystemArtifactStore(str(settings.artifacts_dir)),
+        artifact_store=open_artifact_store(settings),
         feature_seed=int(attrs["feature_seed"]),
         stop_requested=lambda: bool(stop),
         log=log,
     )
     retry = RetryHeartbeatStaleTrialCallback(max_retry=settings.max_retry)
+    worker_id = f"{socket.gethostname()}:{os.getpid()}"
+    in_progress: dict[str, int] = {}  # the trial id this worker runs, until its result is told
 
     def run_one(trial: optuna.Trial) -> float:
+        in_progress["trial_id"] = trial._trial_id
+        trial.set_user_attr("worker", worker_id)
+        trial.set_user_attr("gpu", claim.gpu)
         try:
             return objective(trial, env)
         except TrialInterrupted as exc:
+            requeue(study, study._storage.get_trial(trial._trial_id), retry)
             trial.set_user_attr("fail_reason", str(exc))
-            retry(study, study._storage.get_trial(trial._trial_id))  # queue it for another worker
             raise
         except TrialFailed as exc:
+            if exc.__cause__ is not None and is_transient(exc.__cause__):
+                raise exc.__cause__ from None  # the storage's fault, not the trial's: requeued
+            if "fail_reason" not in trial.user_attrs:  # a NaN loss: the objective names no reason
+                trial.set_user_attr("fail_reason", str(exc)[:500])
             log(f"trial {trial.number} failed: {exc}")
             raise
 
-    report = WorkerReport()
-
-    def record(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+    def record(study: optuna.Study, trial: FrozenTrial) -> None:
+        in_progress.pop("trial_id", None)
         report.trials[trial.state.name] = report.trials.get(trial.state.name, 0) + 1
         log(f"worker: trial {trial.number} {trial.state.name} value={trial.value}")
 
-    failures_in_a_row = 0
+    outages_in_a_row = 0
+    cut_off: int | None = None  # a trial a storage outage interrupted, to fail and requeue
     log(f"worker: joined study {settings.study!r} ({len(data.classes)} families)")
     while True:
         if stop:
@@ -150,9 +205,14 @@ def run_worker(
             report.stopped_by = "timeout"
             break
         try:
-            finished = len(study.get_trials(deepcopy=False, states=FINISHED))
-            if n_trials is not None and finished >= n_trials:
-                break
+            if cut_off is not None:
+                settle_cut_off_trial(study, cut_off, retry)
+                cut_off = None
+            if n_trials is not None:
+                counts = study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.WAITING))
+                waiting = sum(t.state == TrialState.WAITING for t in counts)
+                if len(counts) - waiting >= n_trials and not waiting:
+                    break  # queued retries and re-runs still run after the budget is met
             if max_trials_here is not None and sum(report.trials.values()) >= max_trials_here:
                 break
             study.optimize(
@@ -162,14 +222,92 @@ def run_worker(
                 callbacks=[record],
                 gc_after_trial=True,
             )
-            failures_in_a_row = 0
-        except (StorageError, *TRANSIENT) as exc:
-            failures_in_a_row += 1
-            if failures_in_a_row > 8:
-                raise StorageError(f"storage unreachable for too long: {exc}") from None
-            wait = min(30.0, 0.5 * 2**failures_in_a_row)
-            log(f"worker: storage error ({type(exc).__name__}); retrying in {wait:.0f}s")
-            time.sleep(wait)
-            continue
-    report.seconds = time.monotonic() - started
-    return report
+            outages_in_a_row = 0
+        except Exception as exc:
+            if finished_elsewhere(exc):
+                in_progress.pop("trial_id", None)
+                log(f"worker: another worker failed this trial as stale: {exc}; going on")
+                continue
+            if not storage_outage(exc):
+                raise
+            cut_off = in_progress.pop("trial_id", cut_off)
+            outages_in_a_row += 1
+            if outages_in_a_row > MAX_OUTAGE_TRIES:
+                raise StorageError(
+                    f"storage unreachable for too long: {_first_line(exc)}"
+                ) from None
+            wait = min(30.0, 0.5 * 2**outages_in_a_row)
+            log(f"worker: storage error ({_first_line(exc)}); retrying in {wait:.0f}s")
+            resume_at = time.monotonic() + wait
+            while not stop and time.monotonic() < resume_at:  # SIGTERM ends the wait
+                time.sleep(0.2)
+    try:
+        fail_stale_trials(study)  # dead workers' trials past their grace period: fail, requeue
+    except Exception as exc:
+        if not is_transient(exc):
+            raise
+
+
+def requeue(
+    study: optuna.Study, trial: FrozenTrial, retry: RetryHeartbeatStaleTrialCallback
+) -> None:
+    """Queue a copy of `trial` (same params and seed) as Optuna's stale-trial retry does, so it
+    counts towards the same max_retry; the copy starts without the original's fail_reason."""
+    clean = copy.deepcopy(trial)
+    clean.user_attrs = {k: v for k, v in trial.user_attrs.items() if k != "fail_reason"}
+    retry(study, clean)
+
+
+def settle_cut_off_trial(
+    study: optuna.Study, trial_id: int, retry: RetryHeartbeatStaleTrialCallback
+) -> None:
+    """After an outage: fail this worker's interrupted trial if it is still RUNNING, and requeue
+    it unless someone (a worker that found it stale) already did."""
+    storage = study._storage
+    trial = storage.get_trial(trial_id)
+    if trial.state == TrialState.RUNNING:
+        try:
+            storage.set_trial_user_attr(trial_id, "fail_reason", "storage connection lost")
+            storage.set_trial_state_values(trial_id, TrialState.FAIL)
+        except UpdateFinishedTrialError:
+            pass  # failed as stale by another worker meanwhile
+        trial = storage.get_trial(trial_id)
+    if trial.state != TrialState.FAIL:
+        return  # its result was recorded before the outage
+    retried = any(
+        t.system_attrs.get("retry_history", [])[-1:] == [trial.number]
+        for t in study.get_trials(deepcopy=False)
+    )
+    if not retried:
+        requeue(study, trial, retry)
+        log(f"worker: trial {trial.number} was cut off by a storage outage; queued again")
+
+
+def _chain(exc: BaseException) -> list[BaseException]:
+    seen: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in seen and len(seen) < 16:
+        seen.append(current)
+        current = current.__cause__ or current.__context__
+    return seen
+
+
+def storage_outage(exc: BaseException) -> bool:
+    return isinstance(exc, StorageError) or is_transient(exc)
+
+
+def finished_elsewhere(exc: BaseException) -> bool:
+    """Our trial was failed by another worker that took it for stale (its heartbeat lapsed)."""
+    return any(
+        isinstance(e, UpdateFinishedTrialError)
+        or (isinstance(e, ValueError) and str(e).startswith("Cannot tell a"))
+        for e in _chain(exc)
+    )
+
+
+def _first_line(exc: BaseException) -> str:
+    """What went wrong in one line: the lost connection itself when there is one, not the
+    wrappers Optuna put around it."""
+    root = next((e for e in _chain(exc) if isinstance(e, TRANSIENT)), exc)
+    text = str(getattr(root, "orig", None) or root).strip().splitlines()
+    return f"{type(root).__name__}: {text[0]}" if text else type(root).__name__

@@ -1,0 +1,198 @@
+"""How many workers can one study storage serve? Trials per hour for 1, 2 and 4 worker processes
+on SQLite (the single-machine default) and on PostgreSQL, and the storage's own cost per trial.
+
+A benchmark trial does what a real one does to the storage, without the training: the worker's
+storage settings (search.study: heartbeat, pool, TPE sampler with constant liar, median pruner),
+the search space's ten suggestions, one report + should_prune per epoch (8 epochs), six user
+attributes, tell. Each epoch sleeps TRIAL_S / 8, so the CPU (2 cores here) is not what limits
+4 workers: what is measured is the storage. Each row runs its workers for the same wall time.
+
+    .venv/bin/python benchmarks/storage_throughput.py [--seconds 12] [--trial-s 0.4]
+        [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+
+Columns: trials/hour across all workers; "vs ideal" = that / (workers x 3600 / TRIAL_S), the
+share of time workers spend training rather than waiting on the storage; "storage ms/trial" =
+wall time per trial not spent sleeping, per worker; "connections" = the workers' PostgreSQL
+sessions half-way through. Rows sample at random, so that the sampler's CPU time (TPE's, which
+grows with the study) is not counted as storage time; the "+TPE" row shows it with the
+workers' own sampler. "overhead" rows run one worker with TRIAL_S = 0: nothing but storage
+round trips. Every study starts with 30 trials, so tables and TPE are past their start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import optuna
+import psycopg
+from common import log, machine
+from sqlalchemy.engine import make_url
+
+from search.settings import Settings
+from search.study import create_or_load, open_storage
+
+EPOCHS = 8
+WARM_UP = 30  # trials in the study before timing: TPE past its random start-up, tables warm
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def objective(trial: optuna.Trial, trial_s: float) -> float:
+    """The storage traffic of one real trial (search/space.py + search/trial.py), no training."""
+    trial.suggest_categorical("backbone", ["efficientnet_lite0", "mobilenet_v2_tv"])
+    n_layers = trial.suggest_int("n_layers", 1, 3)
+    for i in range(n_layers):
+        trial.suggest_int(f"units_{i}", 64, 1024, log=True)
+        trial.suggest_float(f"dropout_{i}", 0.0, 0.6)
+    trial.suggest_categorical("batch_norm", [True, False])
+    lr = trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
+    trial.suggest_categorical("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
+    trial.suggest_categorical("batch_size", [16, 32, 64, 128])
+    trial.suggest_float("label_smoothing", 0.0, 0.2)
+    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    trial.set_user_attr("seed", trial.number)
+    trial.set_user_attr("worker", "bench")
+    for epoch in range(1, EPOCHS + 1):
+        time.sleep(trial_s / EPOCHS)
+        trial.report(0.1 * epoch, epoch)  # the same curve for all: the pruner asks, never prunes
+        if trial.should_prune():
+            raise optuna.TrialPruned()
+    for name in ("epochs_run", "train_seconds", "history", "checkpoint"):
+        trial.set_user_attr(name, 1)
+    return 0.8 + lr
+
+
+def open_study(url: str, study: str, sampler: str) -> tuple[optuna.Study, Any]:
+    """The study as a worker opens it (storage settings, heartbeat, pruner); the sampler is
+    the worker's TPE, or random sampling to leave the sampler's CPU time out of the storage's."""
+    settings = Settings(storage=url, study=study, max_epochs=EPOCHS)
+    storage = open_storage(settings)
+    handle = create_or_load(storage, settings)
+    if sampler == "random":
+        handle.sampler = optuna.samplers.RandomSampler()
+    return handle, storage
+
+
+def worker(
+    url: str, study: str, sampler: str, trial_s: float, start_at: float, seconds: float, out: Any
+) -> None:
+    handle, _ = open_study(url, study, sampler)
+    time.sleep(max(0.0, start_at - time.time()))
+    done = 0
+    deadline = start_at + seconds
+    while time.time() < deadline:
+        handle.optimize(lambda t: objective(t, trial_s), n_trials=1)
+        done += 1
+    out.put((done, time.time() - start_at))
+
+
+def run(
+    url: str, workers: int, trial_s: float, seconds: float, sampler: str = "random"
+) -> dict[str, Any]:
+    study = f"bench-{uuid.uuid4().hex[:8]}"
+    handle, storage = open_study(url, study, sampler)
+    handle.optimize(lambda t: objective(t, 0.0), n_trials=WARM_UP)
+    storage.engine.dispose()  # count only the workers' connections below
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    start_at = time.time() + 4.0  # every child has imported and connected by then
+    procs = [
+        ctx.Process(target=worker, args=(url, study, sampler, trial_s, start_at, seconds, out))
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    connections = None
+    if url.startswith("postgresql"):
+        time.sleep(max(0.0, start_at - time.time()) + seconds / 2)
+        connections = pg_connections(url)
+    results = [out.get(timeout=seconds + 120) for _ in procs]
+    for p in procs:
+        p.join()
+    trials = sum(n for n, _ in results)
+    elapsed = max(t for _, t in results)
+    per_hour = trials / elapsed * 3600
+    busy = elapsed * workers / trials  # seconds each trial took, per worker
+    return {
+        "trials": trials,
+        "per_hour": per_hour,
+        "vs_ideal": per_hour / (workers * 3600 / trial_s) if trial_s else None,
+        "storage_ms": (busy - trial_s) * 1000,
+        "connections": connections,
+    }
+
+
+def pg_connections(url: str) -> int:
+    database = make_url(url).database
+    admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def fresh_pg_database(server: str) -> tuple[str, str]:
+    name = f"bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(server).set(database=name).render_as_string(hide_password=False), name
+
+
+def drop_pg_database(server: str, name: str) -> None:
+    with psycopg.connect(server, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=12.0, help="wall time per row")
+    parser.add_argument("--trial-s", dest="trial_s", type=float, default=0.4)
+    parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    args = parser.parse_args()
+    log(f"storage throughput on {machine()}; trials of {args.trial_s}s, {args.seconds}s per row")
+
+    tmp = Path(tempfile.mkdtemp(prefix="storage-bench-"))
+    pg_url, pg_name = fresh_pg_database(args.pg)
+    storages = {"sqlite": f"sqlite:///{tmp / 'bench.sqlite3'}", "postgresql": pg_url}
+    rows: list[tuple[str, str, dict]] = []
+    try:
+        for name, url in storages.items():
+            log(f"{name}: storage overhead (1 worker, empty trials)")
+            rows.append((name, "overhead", run(url, 1, 0.0, args.seconds / 2)))
+            rows.append((name, "+TPE", run(url, 1, 0.0, args.seconds / 2, sampler="tpe")))
+            for n in (1, 2, 4):
+                log(f"{name}: {n} worker(s)")
+                rows.append((name, f"{n} workers", run(url, n, args.trial_s, args.seconds)))
+    finally:
+        drop_pg_database(args.pg, pg_name)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    header = f"{'storage':<11}{'run':<11}{'trials':>7}{'trials/hour':>13}{'vs ideal':>10}"
+    header += f"{'storage ms/trial':>18}{'connections':>13}"
+    print(header)
+    print("-" * len(header))
+    for storage, label, r in rows:
+        ideal = "-" if r["vs_ideal"] is None else f"{r['vs_ideal']:.0%}"
+        conns = "-" if r["connections"] is None else str(r["connections"])
+        print(
+            f"{storage:<11}{label:<11}{r['trials']:>7}{r['per_hour']:>13,.0f}{ideal:>10}"
+            f"{r['storage_ms']:>18.1f}{conns:>13}"
+        )
+    by = {(s, label): r for s, label, r in rows}
+    for storage in storages:
+        four, one = by[(storage, "4 workers")], by[(storage, "1 workers")]
+        print(f"{storage}: 4 workers deliver {four['per_hour'] / one['per_hour']:.2f}x one worker")
+    pg, sq = by[("postgresql", "overhead")], by[("sqlite", "overhead")]
+    print(f"storage cost per trial, postgresql / sqlite: {pg['storage_ms'] / sq['storage_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
