@@ -1,44 +1,76 @@
-"""The champion registry under models/: promote the best trial, load the champion.
+"""The champion registry under models/: promote the best trial, list the history, roll back,
+load the champion.
 
 Layout:
-    models/history/<time>-<study>-<trial>/   every champion ever promoted, kept whole
+    models/history/<time>-<study>-<trial>/   every champion ever promoted, kept whole:
+        model.keras  champion.json  MODEL_CARD.md  evaluation.json  per_family.csv  reports/
     models/champion -> history/<id>           a relative symlink to the current one
 
-A promotion writes a complete new version folder first and then swaps the `champion` link with
-one atomic rename, so a crash at any point leaves the previous champion whole and current. A
-file lock makes concurrent promotions fail fast instead of interleaving.
+A promotion writes a complete new version folder first (staged as history/.<version>.*) and then
+swaps the `champion` link with one atomic rename, so a crash at any point leaves the previous
+champion whole and current; stale staging folders are removed by the next promotion. A file lock
+makes concurrent promotions and rollbacks fail fast instead of interleaving; it is taken before
+the heavy imports (Keras), so the loser says so at once.
+
+Every promotion and rollback is also recorded in the study's database (table
+`search_promotions`, created with SQLAlchemy Core on the study storage URL, SQLite or PostgreSQL),
+so every machine sharing the study sees the same history.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import getpass
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
 import time
 import uuid
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import keras
 import numpy as np
-import optuna
+import sqlalchemy as sa
 from filelock import FileLock, Timeout
-from optuna.artifacts import FileSystemArtifactStore, download_artifact
-from optuna.trial import TrialState
 
-from search.backbones import build_backbone
-from search.dataset import PreparedData, load_prepared
 from search.errors import PromotionInProgress, RegistryError
-from search.features import feature_key
-from search.metrics import compute_metrics
 from search.settings import Settings
-from search.study import load, open_storage, redact
+
+if TYPE_CHECKING:
+    import keras
+    import optuna
+
+    from search.dataset import PreparedData
+    from search.evaluate import HeldOutSplit
 
 MODEL_FILE = "model.keras"
 INFO_FILE = "champion.json"
+CARD_FILE = "MODEL_CARD.md"
 PREDICT_BATCH = 64
+LOCK_FILE = ".registry.lock"
+
+_METADATA = sa.MetaData()
+PROMOTIONS = sa.Table(
+    "search_promotions",
+    _METADATA,
+    sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+    sa.Column("action", sa.String(16), nullable=False),  # promote | rollback
+    sa.Column("at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("who", sa.String(255), nullable=False),  # user@host
+    sa.Column("version", sa.String(255), nullable=False),
+    sa.Column("previous", sa.String(255)),
+    sa.Column("study", sa.String(512)),
+    sa.Column("trial", sa.Integer),
+    sa.Column("metrics", sa.JSON),
+    sa.Column("registry", sa.Text),  # the models folder on the machine that did it
+)
 
 
 @dataclass
@@ -60,7 +92,8 @@ class Champion:
         return int(self.info["image_size"])
 
     def predict(self, images: np.ndarray) -> np.ndarray:
-        """Probabilities for uint8 images (n, size, size, 3)."""
+        """Probabilities for uint8 images (n, size, size, 3), in fixed-size batches so the same
+        images always give the same numbers."""
         chunks = [
             np.asarray(
                 self.model.predict_on_batch(images[i : i + PREDICT_BATCH].astype(np.float32))
@@ -74,12 +107,18 @@ def champion_link(models_dir: Path) -> Path:
     return Path(models_dir) / "champion"
 
 
+def history_dir(models_dir: Path) -> Path:
+    return Path(models_dir) / "history"
+
+
 def load_champion(models_dir: Path, path: Path | None = None) -> Champion:
     """Load the current champion (or the version at `path`)."""
     folder = Path(path) if path is not None else champion_link(models_dir)
     if not folder.exists():
         raise RegistryError(f"no champion at {folder}: run promote-best first")
     try:
+        import keras
+
         info = json.loads((folder / INFO_FILE).read_text())
         model = keras.models.load_model(folder / MODEL_FILE, compile=False)
     except Exception as exc:
@@ -92,6 +131,8 @@ def load_champion(models_dir: Path, path: Path | None = None) -> Champion:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    from optuna.trial import TrialState
+
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -113,6 +154,11 @@ def assemble(
     study_attrs: dict[str, Any],
 ) -> keras.Model:
     """One end-to-end model taking raw RGB images: preprocessing + frozen backbone + head."""
+    import keras
+
+    from search.backbones import build_backbone
+    from search.features import feature_key
+
     trained = keras.models.load_model(checkpoint, compile=False)
     if trial.user_attrs.get("checkpoint_kind") == "full":
         return trained
@@ -135,26 +181,48 @@ def assemble(
     return keras.Model(inputs, outputs, name=f"{name}_champion")
 
 
-def promote_best(settings: Settings, *, force: bool = False) -> dict[str, Any]:
-    """Promote the study's best complete trial to models/champion, atomically."""
-    models_dir = Path(settings.models_dir)
+# ---------------------------------------------------------------------------------------------
+# promotion
+
+
+@contextmanager
+def registry_lock(models_dir: Path, what: str) -> Iterator[None]:
+    """The registry's one writer at a time; a second one fails at once instead of waiting."""
     models_dir.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(models_dir / ".registry.lock"), timeout=0)
+    lock = FileLock(str(models_dir / LOCK_FILE), timeout=0)
     try:
         lock.acquire()
     except Timeout:
         raise PromotionInProgress(
-            f"another promotion holds {models_dir / '.registry.lock'}: wait for it to finish, "
-            "then run promote-best again"
+            f"another promotion or rollback holds {models_dir / LOCK_FILE}: wait for it to "
+            f"finish, then run {what} again"
         ) from None
     try:
-        return _promote_locked(settings, models_dir, force)
+        yield
     finally:
         lock.release()
 
 
+def promote_best(settings: Settings, *, force: bool = False) -> dict[str, Any]:
+    """Promote the study's best complete trial to models/champion, atomically, with its
+    test-split evaluation, reports and model card; record it in the study's database."""
+    models_dir = Path(settings.models_dir)
+    with registry_lock(models_dir, "promote-best"):
+        _log(f"promote: registry {models_dir} locked")
+        return _promote_locked(settings, models_dir, force)
+
+
 def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[str, Any]:
-    study = load(open_storage(settings, heartbeat=False), settings)
+    import keras
+    from optuna.artifacts import download_artifact
+
+    from search.dataset import load_prepared
+    from search.evaluate import HeldOutSplit, score, with_version, write_evaluation
+    from search.reports import model_card
+    from search.study import load, open_artifact_store, open_storage, redact
+
+    storage = open_storage(settings, heartbeat=False)
+    study = load(storage, settings)
     attrs = study.user_attrs
     trial = best_trial(study)
     data = load_prepared(settings.data_dir)
@@ -170,13 +238,14 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
         and current.get("trial") == trial.number
     ):
         return {"promoted": False, "reason": "already champion", **current}
-    history = models_dir / "history"
+    history = history_dir(models_dir)
     history.mkdir(parents=True, exist_ok=True)
-    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    version = f"{stamp}-{study.study_name}-{trial.number}"
+    _remove_stale(models_dir)
+    version = _new_version(history, study.study_name, trial.number)
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=history))
     try:
-        store = FileSystemArtifactStore(str(settings.artifacts_dir))
+        _log(f"promote: assembling trial {trial.number} ({trial.params['backbone']})")
+        store = open_artifact_store(settings)
         checkpoint = staging / "trial_checkpoint.keras"
         download_artifact(
             artifact_store=store,
@@ -186,17 +255,27 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
         keras.backend.clear_session()
         model = assemble(trial, checkpoint, data, settings, attrs)
         checkpoint.unlink()
-        images, labels = data.arrays("test")
-        probs = _predict(model, images)
-        test_metrics = compute_metrics(labels, probs)
-        comparison = _compare_with_current(models_dir, images, labels, test_metrics, force)
         model.save(staging / MODEL_FILE)
+        del model
+        # Judge exactly what is stored: the saved file, loaded back as `search predict` will.
+        meta = {"classes": data.classes, "phyla": data.phyla, "image_size": data.image_size}
+        saved = Champion(
+            staging, keras.models.load_model(staging / MODEL_FILE, compile=False), meta
+        )
+        split = HeldOutSplit.of(data)
+        _log(f"promote: evaluating on {len(split.labels)} test images")
+        probs, evaluation = score(saved, split)
+        comparison, previous = _compare_with_current(models_dir, split, evaluation, force)
+        evaluation = with_version(version, evaluation, previous)
+        _log("promote: writing evaluation, reports and model card")
+        write_evaluation(staging, evaluation, split, probs, version)
         info = {
             "version": version,
             "study": study.study_name,
             "trial": trial.number,
             "storage": redact(settings.storage),
             "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "promoted_by": who(),
             "backbone": trial.params["backbone"],
             "weights": attrs.get("weights"),
             "image_size": data.image_size,
@@ -211,31 +290,45 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
                 for k, v in trial.user_attrs.items()
                 if k.startswith("val_")
             },
-            "test": test_metrics,
+            "test": evaluation["metrics"],
             "previous": comparison,
             "n_trials": len(study.trials),
         }
+        card = model_card(info, evaluation, search_budget(study), data.info)
+        (staging / CARD_FILE).write_text(card, encoding="utf-8")
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
+        os.chmod(staging, 0o755)  # mkdtemp made it private; a version is for every reader
         _fsync_tree(staging)
         final = history / version
-        if final.exists():
-            final = history / f"{version}-{uuid.uuid4().hex[:6]}"
-            info["version"] = final.name
-            (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         staging.rename(final)
         point_champion_at(models_dir, final)
-        return {"promoted": True, **info}
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _log(f"promote: champion is now {version}")
+    previous_version = current.get("version") if current else None
+    _record(_engine(storage), "promote", info, previous_version, models_dir)
+    _save_note(study, info, evaluation, models_dir)
+    return {"promoted": True, **info}
 
 
-def _predict(model: keras.Model, images: np.ndarray) -> np.ndarray:
-    chunks = [
-        np.asarray(model.predict_on_batch(images[i : i + PREDICT_BATCH].astype(np.float32)))
-        for i in range(0, len(images), PREDICT_BATCH)
-    ]
-    return np.concatenate(chunks)
+def _new_version(history: Path, study: str, trial: int) -> str:
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+    version = f"{stamp}-{study}-{trial}"
+    if (history / version).exists():
+        version = f"{version}-{uuid.uuid4().hex[:6]}"
+    return version
+
+
+def _remove_stale(models_dir: Path) -> None:
+    """Staging folders and temporary links of promotions that crashed (we hold the lock, so no
+    other promotion is running)."""
+    for path in history_dir(models_dir).glob(".*"):
+        if path.is_dir() and not path.is_symlink():
+            _log(f"promote: removing {path.name}, left by an interrupted promotion")
+            shutil.rmtree(path, ignore_errors=True)
+    for path in Path(models_dir).glob(".champion-*"):
+        path.unlink(missing_ok=True)
 
 
 def _current_info(models_dir: Path) -> dict[str, Any] | None:
@@ -246,29 +339,48 @@ def _current_info(models_dir: Path) -> dict[str, Any] | None:
 
 
 def _compare_with_current(
-    models_dir: Path, images: np.ndarray, labels: np.ndarray, new: dict[str, float], force: bool
-) -> dict[str, Any] | None:
-    """Score the current champion on the same test split; refuse to replace a better one."""
+    models_dir: Path, split: HeldOutSplit, new: dict[str, Any], force: bool
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """Score the current champion on the same test split; refuse to replace a better one.
+    Returns (champion.json's `previous`, evaluation.json's `previous`)."""
+    from search.evaluate import compare, score
+
     if not champion_link(models_dir).exists():
-        return None
+        return None, None
     try:
         current = load_champion(models_dir)
-        if current.image_size != images.shape[1]:
-            raise RegistryError("the current champion was trained at another image size")
-        old = compute_metrics(labels, current.predict(images))
+        _, old = score(current, split)
     except RegistryError as exc:
         if not force:
             raise RegistryError(f"{exc}; use --force to replace it anyway") from None
-        return {"version": None, "error": str(exc)}
-    if old["macro_f1"] > new["macro_f1"] and not force:
+        return {"version": None, "error": str(exc)}, None
+    old_f1, new_f1 = old["metrics"]["macro_f1"], new["metrics"]["macro_f1"]
+    if old_f1 > new_f1 and not force:
         raise RegistryError(
             f"the current champion {current.info.get('version')} is better on the test split "
-            f"(macro-F1 {old['macro_f1']:.4f} > {new['macro_f1']:.4f}); use --force to replace it"
+            f"(macro-F1 {old_f1:.4f} > {new_f1:.4f}); use --force to replace it"
         )
+    version = current.info.get("version")
+    comparison = compare(new, old, version)
+    return {"version": version, "test": old["metrics"], "delta": comparison["delta"]}, comparison
+
+
+def search_budget(study: optuna.Study) -> dict[str, Any]:
+    """Trials by state, training time summed over trials, and the wall time of the search."""
+    trials = study.get_trials(deepcopy=False)
+    starts = [t.datetime_start for t in trials if t.datetime_start]
+    ends = [t.datetime_complete for t in trials if t.datetime_complete]
+    spent = [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in trials
+        if t.datetime_start and t.datetime_complete
+    ]
     return {
-        "version": current.info.get("version"),
-        "test": old,
-        "delta": {k: new[k] - old[k] for k in new},
+        "states": dict(Counter(t.state.name for t in trials)),
+        "trial_seconds": round(sum(spent), 1) if spent else None,
+        "wall_seconds": round((max(ends) - min(starts)).total_seconds(), 1)
+        if starts and ends
+        else None,
     }
 
 
@@ -288,6 +400,8 @@ def _fsync_tree(folder: Path) -> None:
         if path.is_file():
             with open(path, "rb") as handle:
                 os.fsync(handle.fileno())
+    for path in [p for p in folder.rglob("*") if p.is_dir()]:
+        _fsync_dir(path)
     _fsync_dir(folder)
 
 
@@ -297,3 +411,289 @@ def _fsync_dir(folder: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------
+# history and rollback
+
+
+def who() -> str:
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry (some containers)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{socket.gethostname()}"
+
+
+def _engine(storage: Any) -> sa.Engine | None:
+    """The SQL engine behind the study storage; None behind a gRPC storage proxy."""
+    return getattr(storage, "engine", None)
+
+
+def _ensure_table(engine: sa.Engine) -> None:
+    try:
+        _METADATA.create_all(engine, checkfirst=True)
+    except sa.exc.SQLAlchemyError:
+        # Two machines creating it at the same moment: the loser's CREATE fails; fine if it's there.
+        if not sa.inspect(engine).has_table(PROMOTIONS.name):
+            raise
+
+
+def _record(
+    engine: sa.Engine | None,
+    action: str,
+    info: dict[str, Any],
+    previous: str | None,
+    models_dir: Path,
+) -> None:
+    """One row in search_promotions. The link swap already happened: a failure here is reported,
+    not raised, since the registry itself is consistent."""
+    from search.study import with_retries
+
+    row = {
+        "action": action,
+        "at": dt.datetime.now(dt.UTC),
+        "who": who(),
+        "version": info["version"],
+        "previous": previous,
+        "study": info.get("study"),
+        "trial": info.get("trial"),
+        "metrics": info.get("test"),
+        "registry": str(Path(models_dir).resolve()),
+    }
+
+    def insert() -> None:
+        if engine is None:
+            raise RegistryError("the storage is a gRPC proxy; run with the database URL")
+        _ensure_table(engine)
+        with engine.begin() as conn:
+            conn.execute(PROMOTIONS.insert().values(**row))
+
+    try:
+        with_retries(insert, f"recording the {action} of {info['version']}")
+    except Exception as exc:
+        _log(
+            f"warning: {action} of {info['version']} done, but not recorded in the study "
+            f"database ({type(exc).__name__}: {exc}); `search registry` will list it as 'local'"
+        )
+
+
+def _save_note(
+    study: optuna.Study, info: dict[str, Any], evaluation: dict[str, Any], models_dir: Path
+) -> None:
+    """The study's optuna-dashboard note: the current champion and its report."""
+    from optuna_dashboard import save_note
+
+    from search.reports import dashboard_note
+
+    report = f"{Path(models_dir).name}/history/{info['version']}/reports/index.html"
+    try:
+        save_note(study, dashboard_note(info, evaluation, report))
+    except Exception as exc:  # the note is a convenience; the promotion stands
+        _log(f"warning: dashboard note not saved ({type(exc).__name__}: {exc})")
+
+
+def history(settings: Settings) -> list[dict[str, Any]]:
+    """Every promotion and rollback recorded in the study database, oldest first, plus version
+    folders found here that no record mentions (action 'local')."""
+    from search.study import open_storage, redact
+
+    models_dir = Path(settings.models_dir)
+    engine = _engine(open_storage(settings, heartbeat=False))
+    if engine is None:
+        raise RegistryError(
+            f"{redact(settings.storage)} is a storage proxy: the registry history lives in the "
+            "database itself; run `search registry --storage <database URL>`"
+        )
+    try:
+        _ensure_table(engine)
+        with engine.connect() as conn:
+            rows = conn.execute(sa.select(PROMOTIONS).order_by(PROMOTIONS.c.id)).mappings().all()
+    except sa.exc.SQLAlchemyError as exc:
+        raise RegistryError(
+            f"cannot read the registry history from {redact(settings.storage)} "
+            f"({type(exc).__name__}): check the storage URL"
+        ) from None
+    local = _local_versions(models_dir)
+    current = _current_version(models_dir)
+    entries = [
+        {
+            "id": row["id"],
+            "action": row["action"],
+            "at": _utc(row["at"]),
+            "who": row["who"],
+            "version": row["version"],
+            "previous": row["previous"],
+            "study": row["study"],
+            "trial": row["trial"],
+            "metrics": row["metrics"] or {},
+            "here": row["version"] in local,
+            "current": False,
+        }
+        for row in rows
+    ]
+    recorded = {e["version"] for e in entries}
+    for version in sorted(set(local) - recorded):
+        info = local[version]
+        entries.append(
+            {
+                "id": None,
+                "action": "local",
+                "at": info.get("promoted_at"),
+                "who": info.get("promoted_by"),
+                "version": version,
+                "previous": (info.get("previous") or {}).get("version"),
+                "study": info.get("study"),
+                "trial": info.get("trial"),
+                "metrics": info.get("test") or {},
+                "here": True,
+                "current": False,
+            }
+        )
+    for entry in reversed(entries):
+        if entry["version"] == current:
+            entry["current"] = True
+            break
+    return entries
+
+
+def render_history(entries: list[dict[str, Any]]) -> str:
+    """A table, oldest first; `*` marks the current champion."""
+    if not entries:
+        return "no promotion recorded yet: run promote-best"
+    header = ("", "id", "when (UTC)", "action", "version", "trial", "acc", "macro-F1", "by",
+              "previous")  # fmt: skip
+    rows = [header]
+    for e in entries:
+        m = e.get("metrics") or {}
+        rows.append(
+            (
+                "*" if e.get("current") else "",
+                "" if e["id"] is None else str(e["id"]),
+                (e.get("at") or "")[:19].replace("T", " "),
+                e["action"],
+                e["version"] + ("" if e.get("here", True) else " (not here)"),
+                "" if e.get("trial") is None else str(e["trial"]),
+                _fmt(m.get("accuracy")),
+                _fmt(m.get("macro_f1")),
+                e.get("who") or "",
+                e.get("previous") or "",
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def rollback(settings: Settings, version: str | None = None) -> dict[str, Any]:
+    """Make an earlier version the champion again (default: the one promoted before the current
+    one), with the same atomic link swap as a promotion; recorded in the study database."""
+    from search.study import load, open_storage
+
+    models_dir = Path(settings.models_dir)
+    with registry_lock(models_dir, "rollback"):
+        storage = open_storage(settings, heartbeat=False)
+        current = _current_version(models_dir)
+        local = _local_versions(models_dir)
+        if version is None:
+            target = _version_before(_engine(storage), current, local)
+        else:
+            target = _match(version, local)
+        if target == current:
+            raise RegistryError(f"{target} is already the champion: nothing to roll back")
+        champion = load_champion(models_dir, history_dir(models_dir) / target)  # loads: usable
+        point_champion_at(models_dir, history_dir(models_dir) / target)
+        _log(f"rollback: champion is now {target} (was {current})")
+        _record(_engine(storage), "rollback", champion.info, current, models_dir)
+        try:
+            study = load(storage, settings.replace(study=champion.info["study"]))
+            evaluation = json.loads(
+                (history_dir(models_dir) / target / "evaluation.json").read_text()
+            )
+            _save_note(study, champion.info, evaluation, models_dir)
+        except Exception as exc:  # an older version without evaluation.json, or a gone study
+            _log(f"warning: dashboard note not updated ({type(exc).__name__}: {exc})")
+    return {"version": target, "previous": current}
+
+
+def _local_versions(models_dir: Path) -> dict[str, dict[str, Any]]:
+    """Version folders under models/history with a readable champion.json, by name."""
+    found: dict[str, dict[str, Any]] = {}
+    folder = history_dir(models_dir)
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_dir():
+            continue
+        try:
+            found[path.name] = json.loads((path / INFO_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def _current_version(models_dir: Path) -> str | None:
+    link = champion_link(models_dir)
+    return link.resolve().name if link.is_symlink() and link.exists() else None
+
+
+def _version_before(engine: sa.Engine | None, current: str | None, local: dict[str, Any]) -> str:
+    """The champion promoted before the current one (by the recorded promotion order, else by
+    version name, which starts with the UTC time), among the versions present here."""
+    if current is None:
+        raise RegistryError("there is no champion to roll back from: name a version to restore")
+    try:
+        _ensure_table(engine)
+        with engine.connect() as conn:
+            order = (
+                conn.execute(
+                    sa.select(PROMOTIONS.c.version)
+                    .where(PROMOTIONS.c.action == "promote")
+                    .order_by(PROMOTIONS.c.id)
+                )
+                .scalars()
+                .all()
+            )
+    except sa.exc.SQLAlchemyError:
+        order = []
+    if current in order:
+        last = len(order) - 1 - order[::-1].index(current)
+        earlier = [v for v in order[:last] if v in local and v != current]
+    else:
+        earlier = [v for v in sorted(local) if v < current]
+    if not earlier:
+        raise RegistryError(
+            f"no champion before {current} is kept here: run `search registry` to list versions "
+            "and `search rollback VERSION` to pick one"
+        )
+    return earlier[-1]
+
+
+def _match(version: str, local: dict[str, Any]) -> str:
+    """A version by its full name or a unique prefix of it."""
+    if version in local:
+        return version
+    hits = [v for v in local if v.startswith(version)]
+    if len(hits) == 1:
+        return hits[0]
+    have = ", ".join(sorted(local)[-5:]) or "none"
+    what = "matches several versions" if hits else "is not a version kept here"
+    raise RegistryError(f"{version!r} {what} (latest: {have}); run `search registry` to list them")
+
+
+def _utc(value: Any) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return value.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    return str(value)
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3f}" if isinstance(value, int | float) else ""
+
+
+def _log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)

@@ -99,3 +99,40 @@ def test_champion_that_fails_to_load(env: dict[str, str], workspace: Path, capsy
 def test_no_champion(env: dict[str, str], workspace: Path, capsys) -> None:
     code = main(["predict", str(workspace / "x.jpg")])
     one_line_error(capsys, code, "no champion", "promote-best")
+
+
+def test_registry_without_promotions(env: dict[str, str], capsys) -> None:
+    assert main(["registry"]) == 0
+    assert "no promotion recorded yet" in capsys.readouterr().out
+
+
+def test_rollback_without_champion(env: dict[str, str], capsys) -> None:
+    code = main(["rollback"])
+    one_line_error(capsys, code, "no champion to roll back from", "name a version")
+
+
+def test_rollback_to_unknown_version(env: dict[str, str], capsys) -> None:
+    code = main(["rollback", "20200101T000000-x-1"])
+    one_line_error(capsys, code, "not a version kept here", "search registry")
+
+
+def test_evaluate_without_champion(env: dict[str, str], capsys) -> None:
+    code = main(["evaluate"])
+    one_line_error(capsys, code, "no champion", "promote-best")
+
+
+def test_promote_and_rollback_while_registry_locked(
+    env: dict[str, str], workspace: Path, capsys
+) -> None:
+    """Another process's promotion holds the registry lock: refused at once, exit code 3."""
+    from filelock import FileLock
+
+    models = workspace / "models"
+    models.mkdir(exist_ok=True)
+    with FileLock(str(models / ".registry.lock")):
+        code = main(["promote"])
+        assert code == 3
+        one_line_error(capsys, code, "another promotion or rollback holds", "promote-best again")
+        code = main(["rollback"])
+        assert code == 3
+        one_line_error(capsys, code, "another promotion or rollback holds", "rollback again")
