@@ -36,7 +36,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     names = [
         "storage", "study", "data_dir", "features_dir", "models_dir", "artifacts_dir", "weights",
         "space_file", "max_epochs", "feature_views", "seed", "pruner", "heartbeat_interval",
-        "grace_period", "max_retry",
+        "grace_period", "max_retry", "gpus", "gpu_wait",
     ]  # fmt: skip
     return Settings.load({name: getattr(args, name, None) for name in names})
 
@@ -87,7 +87,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_promote(args: argparse.Namespace) -> int:
     from search.registry import promote_best
 
-    result = promote_best(_settings(args), force=args.force)
+    settings = _settings(args)
+    result = promote_best(settings, force=args.force)
     if not result["promoted"]:
         print(f"trial {result['trial']} of study {result['study']} is already the champion")
         return 0
@@ -104,6 +105,9 @@ def cmd_promote(args: argparse.Namespace) -> int:
             f"vs previous champion {previous['version']}: macro-F1 {d['macro_f1']:+.3f}, "
             f"accuracy {d['accuracy']:+.3f}"
         )
+    folder = Path(settings.models_dir) / "history" / result["version"]
+    print(f"model card: {folder / 'MODEL_CARD.md'}")
+    print(f"reports: {folder / 'reports' / 'index.html'} (confusion matrix, error gallery)")
     return 0
 
 
@@ -122,6 +126,10 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write(results, args.format)
     for path, reason in skipped:
         print(f"skipped {path}: {reason}", file=sys.stderr)
+    if skipped:
+        print(
+            f"predicted {len(results)} images, skipped {len(skipped)} unreadable", file=sys.stderr
+        )
     if not results:
         print("error: no readable image among the inputs", file=sys.stderr)
         return 2
@@ -234,6 +242,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="base seed of trials and feature views")
     p.add_argument("--heartbeat-interval", dest="heartbeat_interval", type=int)
     p.add_argument("--grace-period", dest="grace_period", type=int)
+    p.add_argument("--gpus", help='GPU indices to claim from, e.g. "0,1,2,3" (default: all seen)')
+    p.add_argument(
+        "--gpu-wait",
+        dest="gpu_wait",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with more workers than GPUs, wait for a free one (default) or share",
+    )
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("promote", help="promote the best trial to models/champion")
@@ -252,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("status", help="trials by state, best trial, throughput, live workers")
     _common(p)
+    p.add_argument(
+        "--grace-period",
+        dest="grace_period",
+        type=int,
+        help="seconds without a heartbeat before a running trial counts as dead (default 30)",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
 
