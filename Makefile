@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_ENV := SEARCH_STORAGE=sqlite:///study_db/demo.sqlite3 SEARCH_STUDY=demo \
 	SEARCH_DATA_DIR=data/demo/prepared SEARCH_FEATURES_DIR=data/demo/features
-DEMO_WORKER := --n-trials 24 --max-epochs 20 --weights imagenet --space configs/demo_space.toml
+DEMO_WORKER := --n-trials 24 --max-epochs 20 --space configs/demo_space.toml
 
 .PHONY: install demo test lint bench clean-demo
 

@@ -26,7 +26,7 @@ class Settings:
     models_dir: Path = Path("models")
     artifacts_dir: Path = Path("models/artifacts")
     artifact_url: str = ""  # s3://bucket: S3-compatible artifact store instead of artifacts_dir
-    weights: str = "none"
+    weights: str = "imagenet"
     space_file: Path | None = None
     max_epochs: int = 20
     feature_views: int = 2

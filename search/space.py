@@ -150,20 +150,27 @@ def narrow(name: str, value: Any) -> Dimension:
 
 def resolve_backbones(
     space: dict[str, Dimension], weights: str, image_size: int, explicit: bool
-) -> dict[str, Dimension]:
-    """Drop backbones whose weights are not available offline from the default space; a file
-    that asks for one explicitly gets an error instead of a silent change."""
+) -> tuple[dict[str, Dimension], list[str]]:
+    """Make sure every backbone in the space can be built, and say which were left out.
+
+    Backbones a space file names explicitly are built once now: Keras downloads their weights
+    when online, and offline the WeightsError names the file to fetch. From the *default* space,
+    backbones whose weights are not on this machine are left out (returned as the second value),
+    so an air-gapped search runs on what it has instead of failing on its first trial.
+    """
     dim = space["backbone"]
     assert isinstance(dim, Categorical)
-    ok = [b for b in dim.choices if weights_available(b, weights, image_size)]
-    missing = [b for b in dim.choices if b not in ok]
-    if missing and explicit:
+    missing = [b for b in dim.choices if not weights_available(b, weights, image_size)]
+    if explicit:
         from search.backbones import build_backbone
 
-        build_backbone(missing[0], image_size, weights)  # raises the WeightsError that says why
+        for name in missing:
+            build_backbone(name, image_size, weights)  # downloads, or raises WeightsError
+        return space, []
+    ok = tuple(b for b in dim.choices if b not in missing)
     if not ok:
         raise ConfigError("no backbone in the search space has its weights available")
-    return {**space, "backbone": Categorical(tuple(ok))}
+    return {**space, "backbone": Categorical(ok)}, missing
 
 
 def to_json(space: dict[str, Dimension]) -> dict[str, Any]:

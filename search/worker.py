@@ -84,9 +84,14 @@ def join_study(settings: Settings, data: PreparedData) -> tuple[optuna.Study, di
     attrs = study.user_attrs
     if "data_hash" not in attrs:
         space, explicit = search_space.load_space(settings.space_file)
-        space = search_space.resolve_backbones(
+        space, left_out = search_space.resolve_backbones(
             space, settings.weights, data.image_size, "backbone" in explicit
         )
+        if left_out:
+            log(
+                f"worker: left out of the search space (ImageNet weights not on this machine): "
+                f"{', '.join(left_out)}; name them in a --space file to download them"
+            )
         record = {
             "image_size": data.image_size,
             "classes": data.classes,

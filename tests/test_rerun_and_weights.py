@@ -56,3 +56,18 @@ def test_space_asking_for_unavailable_weights_fails_before_any_trial(
     err = capsys.readouterr().err
     assert code != 0 and "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5" in err
     assert "Traceback" not in err
+
+
+def test_default_space_leaves_out_backbones_without_local_weights() -> None:
+    from search.space import DEFAULT_SPACE, resolve_backbones
+
+    space, left_out = resolve_backbones(dict(DEFAULT_SPACE), "imagenet", 64, explicit=False)
+    kept = set(space["backbone"].choices)
+    assert {"baseline_cnn", "efficientnet_lite0", "mobilenet_v2_tv"} <= kept
+    for name in left_out:
+        assert name not in kept
+        assert not expected_weights_file(get_spec(name), 64).exists()
+    assert set(left_out) | kept == set(DEFAULT_SPACE["backbone"].choices)
+    # Trained from scratch, every backbone is available.
+    space, left_out = resolve_backbones(dict(DEFAULT_SPACE), "none", 64, explicit=False)
+    assert left_out == [] and space["backbone"] == DEFAULT_SPACE["backbone"]
