@@ -243,9 +243,12 @@ def serve_storage_proxy(settings: Settings, host: str = "0.0.0.0", port: int = 1
 
 
 def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
-    """Median is the default: see benchmarks/pruners.py for the measurement behind the choice."""
+    """Median (8 startup trials, 5 warm-up epochs) is the default. benchmarks/pruners.py, 24
+    trials x 2 seeds: it reached the same best validation and test macro-F1 as no pruning with
+    80% of the epochs, while the eager median (4, 2), percentile, SHA and Hyperband saved 50-77%
+    of the epochs but lost 0.02-0.05 test macro-F1. Choose `sha` or `hyperband` for speed."""
     if name == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=2)
+        return optuna.pruners.MedianPruner(n_startup_trials=8, n_warmup_steps=5)
     if name == "percentile":
         return optuna.pruners.PercentilePruner(33.0, n_startup_trials=4, n_warmup_steps=2)
     if name == "hyperband":

@@ -23,22 +23,22 @@ GOOD = {
     "label_smoothing": 0.0,
     "weight_decay": 1e-6,
 }
-# Same head, but a learning rate 100x too small for plain SGD: it barely moves in 6 epochs.
+# Same head, but a learning rate 100x too small for plain SGD: it barely moves in 8 epochs.
 BAD = {**GOOD, "optimizer": "sgd", "learning_rate": 1e-4}
 
 
 def test_median_pruner_prunes_clearly_worse_trials(workspace: Path) -> None:
-    env = search_env(workspace, SEARCH_MAX_EPOCHS="6", SEARCH_PRUNER="median")
+    env = search_env(workspace, SEARCH_MAX_EPOCHS="8", SEARCH_PRUNER="median")
     settings = Settings.load(environ=env)
     study = create_or_load(open_storage(settings, heartbeat=False), settings)
-    for params in [GOOD] * 4 + [BAD] * 3:
+    for params in [GOOD] * 8 + [BAD] * 3:  # the default median pruner waits for 8 trials
         study.enqueue_trial(params)
-    run_worker(settings, n_trials=7)
+    run_worker(settings, n_trials=11)
 
     trials = sorted(study.get_trials(deepcopy=False), key=lambda t: t.number)
-    assert [t.state for t in trials[:4]] == [TrialState.COMPLETE] * 4
-    bad_states = [t.state for t in trials[4:7]]
+    assert [t.state for t in trials[:8]] == [TrialState.COMPLETE] * 8
+    bad_states = [t.state for t in trials[8:11]]
     assert bad_states.count(TrialState.PRUNED) >= 2, bad_states
-    for t in trials[4:7]:
+    for t in trials[8:11]:
         if t.state == TrialState.PRUNED:
-            assert t.user_attrs["epochs_run"] < 6  # stopped early: that is the point
+            assert t.user_attrs["epochs_run"] < 8  # stopped early: that is the point
