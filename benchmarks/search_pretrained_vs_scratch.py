@@ -59,6 +59,7 @@ def run_study(root: Path, data_dir: Path, name: str, backbones: list[str], trial
     for t in study.get_trials(states=(TrialState.COMPLETE,)):
         b = t.params["backbone"]
         best_by_backbone[b] = max(best_by_backbone.get(b, 0.0), float(t.value))
+    best_val = study.best_value  # before fine-tuning adds a trial
     promoted = promote_best(settings, force=True)
     tuned = None
     if name == "pretrained" and args.finetune_epochs > 0:
@@ -77,7 +78,7 @@ def run_study(root: Path, data_dir: Path, name: str, backbones: list[str], trial
         "pruned": states.count(TrialState.PRUNED),
         "failed": states.count(TrialState.FAIL),
         "epochs": epochs,
-        "best_val": study.best_value,
+        "best_val": best_val,
         "best_by_backbone": best_by_backbone,
         "champion": f"trial {promoted['trial']} ({promoted['backbone']})",
         "test": promoted["test"],

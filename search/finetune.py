@@ -34,7 +34,7 @@ from search.dataset import PreparedData, load_prepared
 from search.errors import ConfigError, RegistryError
 from search.metrics import compute_metrics, macro_f1
 from search.progress import Progress
-from search.registry import assemble
+from search.registry import assemble, best_trial
 from search.settings import Settings
 from search.study import load, open_artifact_store, open_storage
 from search.trial import CHECKPOINT_NAME, HISTORY_NAME, Batches, learning_curves, make_optimizer
@@ -130,10 +130,7 @@ def finetune(
     save_plotly_graph_object(
         study, learning_curves(history, number), graph_object_id=f"curves-{number}"
     )
-    best = max(
-        (t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))),
-        key=lambda t: (t.value if t.value is not None else -math.inf, -t.number),
-    )
+    best = best_trial(study)  # what promote-best would promote now
     before, after = result["before"], result["best_value"]
     verdict = (
         "it is now the study's best trial: promote-best will promote it"
