@@ -298,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trial", type=int, help="trial number (default: the best)")
     p.add_argument("--unfreeze", type=int, default=20, help="top layers to unfreeze")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-5)
+    p.add_argument("--learning-rate", dest="learning_rate", type=float, default=1e-4)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("rerun", help="re-run a trial with its params and seed")

@@ -49,7 +49,7 @@ def finetune(
     trial: int | None = None,
     unfreeze: int = 20,
     epochs: int = 5,
-    learning_rate: float = 1e-5,
+    learning_rate: float = 1e-4,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune trial `trial` (default: the best frozen-backbone trial) and record the result as

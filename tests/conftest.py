@@ -78,3 +78,34 @@ def run_cli(
     return subprocess.run(
         [program, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout
     )
+
+
+HEAD = {
+    "backbone": "efficientnet_lite0",
+    "n_layers": 1,
+    "units_0": 64,
+    "dropout_0": 0.1,
+    "batch_norm": True,
+    "learning_rate": 0.01,
+    "optimizer": "adam",
+    "batch_size": 32,
+    "label_smoothing": 0.0,
+    "weight_decay": 1e-6,
+}
+
+
+def searched_workspace(root: Path, prepared_dir: Path) -> Path:
+    """A workspace whose study holds two complete trials: a head on a frozen backbone (HEAD)
+    and the from-scratch CNN, run by a real worker loop."""
+    from search.settings import Settings
+    from search.study import create_or_load, open_storage
+    from search.worker import run_worker
+
+    shutil.copytree(prepared_dir, root / "data" / "prepared")
+    (root / "space.toml").write_text('[space]\nbackbone = ["efficientnet_lite0", "baseline_cnn"]\n')
+    settings = Settings.load(environ=search_env(root, SEARCH_PRUNER="none"))
+    study = create_or_load(open_storage(settings, heartbeat=False), settings)
+    study.enqueue_trial(HEAD)
+    study.enqueue_trial({**HEAD, "backbone": "baseline_cnn"})
+    run_worker(settings, n_trials=2)
+    return root

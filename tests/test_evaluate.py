@@ -30,8 +30,7 @@ from search.registry import load_champion, promote_best
 from search.settings import Settings
 from search.study import create_or_load, open_storage
 from search.worker import run_worker
-from tests.conftest import search_env
-from tests.test_promote_predict import HEAD
+from tests.conftest import HEAD, search_env
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import keras
@@ -18,24 +17,13 @@ from search.finetune import _leaves, finetune
 from search.metrics import macro_f1
 from search.registry import assemble
 from search.settings import Settings
-from search.study import create_or_load, load, open_storage
-from search.worker import run_worker
-from tests.conftest import search_env
-from tests.test_promote_predict import HEAD
+from search.study import load, open_storage
+from tests.conftest import search_env, searched_workspace
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
-    """A study with one complete trial of a frozen backbone and one of the CNN."""
-    ws = tmp_path_factory.mktemp("finetune")
-    shutil.copytree(prepared_dir, ws / "data" / "prepared")
-    (ws / "space.toml").write_text('[space]\nbackbone = ["efficientnet_lite0", "baseline_cnn"]\n')
-    settings = Settings.load(environ=search_env(ws, SEARCH_PRUNER="none"))
-    study = create_or_load(open_storage(settings, heartbeat=False), settings)
-    study.enqueue_trial(HEAD)
-    study.enqueue_trial({**HEAD, "backbone": "baseline_cnn"})
-    run_worker(settings, n_trials=2)
-    return ws
+    return searched_workspace(tmp_path_factory.mktemp("finetune"), prepared_dir)
 
 
 def download(settings: Settings, artifact_id: str, path: Path) -> Path:

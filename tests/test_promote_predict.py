@@ -12,38 +12,13 @@ from search.dataset import load_prepared
 from search.features import load_or_compute
 from search.registry import load_champion
 from search.settings import Settings
-from search.study import create_or_load, open_storage
-from search.worker import run_worker
-from tests.conftest import PROMOTE, run_cli, search_env
-
-HEAD = {
-    "backbone": "efficientnet_lite0",
-    "n_layers": 1,
-    "units_0": 64,
-    "dropout_0": 0.1,
-    "batch_norm": True,
-    "learning_rate": 0.01,
-    "optimizer": "adam",
-    "batch_size": 32,
-    "label_smoothing": 0.0,
-    "weight_decay": 1e-6,
-}
+from search.study import open_storage
+from tests.conftest import PROMOTE, run_cli, search_env, searched_workspace
 
 
 @pytest.fixture(scope="module")
 def searched(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
-    """A workspace whose study holds a few complete trials of a frozen backbone and the CNN."""
-    import shutil
-
-    ws = tmp_path_factory.mktemp("searched")
-    shutil.copytree(prepared_dir, ws / "data" / "prepared")
-    (ws / "space.toml").write_text('[space]\nbackbone = ["efficientnet_lite0", "baseline_cnn"]\n')
-    settings = Settings.load(environ=search_env(ws, SEARCH_PRUNER="none"))
-    study = create_or_load(open_storage(settings, heartbeat=False), settings)
-    study.enqueue_trial(HEAD)
-    study.enqueue_trial({**HEAD, "backbone": "baseline_cnn"})
-    run_worker(settings, n_trials=2)
-    return ws
+    return searched_workspace(tmp_path_factory.mktemp("searched"), prepared_dir)
 
 
 def test_promote_writes_an_end_to_end_champion_that_predict_uses(searched: Path) -> None:

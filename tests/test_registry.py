@@ -31,27 +31,16 @@ from search.registry import (
     rollback,
 )
 from search.settings import Settings
-from search.study import create_or_load, load, open_storage
-from search.worker import run_worker
-from tests.conftest import PROMOTE, search_env
+from search.study import load, open_storage
+from tests.conftest import PROMOTE, search_env, searched_workspace
 from tests.data_helpers import tree_digest
-from tests.test_promote_predict import HEAD
 
 VERSION_FILES = {MODEL_FILE, INFO_FILE, CARD_FILE, "evaluation.json", "per_family.csv", "reports"}
 
 
 @pytest.fixture(scope="module")
 def searched_once(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Path:
-    """A study holding two complete trials: a head on a frozen backbone and the CNN."""
-    ws = tmp_path_factory.mktemp("registry")
-    shutil.copytree(prepared_dir, ws / "data" / "prepared")
-    (ws / "space.toml").write_text('[space]\nbackbone = ["efficientnet_lite0", "baseline_cnn"]\n')
-    settings = Settings.load(environ=search_env(ws, SEARCH_PRUNER="none"))
-    study = create_or_load(open_storage(settings, heartbeat=False), settings)
-    study.enqueue_trial(HEAD)
-    study.enqueue_trial({**HEAD, "backbone": "baseline_cnn"})
-    run_worker(settings, n_trials=2)
-    return ws
+    return searched_workspace(tmp_path_factory.mktemp("registry"), prepared_dir)
 
 
 @pytest.fixture()

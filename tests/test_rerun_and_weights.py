@@ -14,8 +14,7 @@ from search.rerun import rerun
 from search.settings import Settings
 from search.study import create_or_load, open_storage
 from search.worker import run_worker
-from tests.conftest import search_env
-from tests.test_promote_predict import HEAD
+from tests.conftest import HEAD, search_env
 
 
 def test_rerun_reproduces_the_trial_value(workspace: Path) -> None:
