@@ -41,6 +41,7 @@ from PIL import Image
 
 from search.backbones import build_backbone
 from search.dataset import PreparedData
+from search.durable import fsync_dir, fsync_tree
 from search.errors import ConfigError
 from search.progress import Progress
 
@@ -283,9 +284,9 @@ def _compute(
             "computed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
         tmp.rename(final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -395,19 +396,3 @@ def augment_batch(
 
 def _stderr(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.iterdir():
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -40,6 +40,7 @@ import numpy as np
 import sqlalchemy as sa
 from filelock import FileLock, Timeout
 
+from search.durable import fsync_dir, fsync_tree
 from search.errors import PromotionInProgress, RegistryError
 from search.settings import Settings
 
@@ -298,7 +299,7 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         os.chmod(staging, 0o755)  # mkdtemp made it private; a version is for every reader
-        _fsync_tree(staging)
+        fsync_tree(staging)
         final = history / version
         staging.rename(final)
         point_champion_at(models_dir, final)
@@ -392,25 +393,7 @@ def point_champion_at(models_dir: Path, version_dir: Path) -> None:
     tmp = Path(models_dir) / f".champion-{uuid.uuid4().hex}"
     os.symlink(os.path.relpath(version_dir, models_dir), tmp)
     os.replace(tmp, link)
-    _fsync_dir(Path(models_dir))
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in folder.rglob("*"):
-        if path.is_file():
-            with open(path, "rb") as handle:
-                os.fsync(handle.fileno())
-    for path in [p for p in folder.rglob("*") if p.is_dir()]:
-        _fsync_dir(path)
-    _fsync_dir(folder)
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(Path(models_dir))
 
 
 # ---------------------------------------------------------------------------------------------
