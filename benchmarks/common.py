@@ -15,7 +15,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before anything imports Te
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
-WORK = RESULTS / "work"
+WORK = RESULTS / "cache"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 

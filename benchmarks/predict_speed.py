@@ -25,7 +25,7 @@ from common import WORK, log, machine
 
 
 def photos(n: int, px: int) -> list[Path]:
-    """Generated JPEG photos (`search synth`), written once under benchmarks/results/work."""
+    """Generated JPEG photos (`search synth`), written once under benchmarks/results/cache."""
     from search.synth import generate
 
     folder = WORK / f"predict-photos-n{n}-{px}px"

@@ -5,7 +5,7 @@ promoted and scored on the test split. Then the pretrained study's best trial is
 
 Everything runs through the real service code: `run_worker` (SQLite study, feature cache,
 artifact store, the default median pruner) and `promote_best`, in a fresh workspace under
-benchmarks/results/work/ (so the feature extraction is part of the pretrained study's time).
+benchmarks/results/cache/ (so the feature extraction is part of the pretrained study's time).
 
     .venv/bin/python benchmarks/search_pretrained_vs_scratch.py [--trials 30] [--scratch-trials 8]
         [--image-px 128 --image-size 96] [--pruner median] [--finetune-epochs 3]

@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from search.settings import Settings
 from search.study import create_or_load, load, open_storage
 from search.worker import run_worker
-from tests.conftest import SEARCH, search_env
+from tests.conftest import HEAD, SEARCH, search_env
 from tests.test_postgres import fresh_database, throwaway_cluster
 
 # Heads on cached features only, 8 epochs without pruning: a trial lasts long enough to be
@@ -205,23 +205,12 @@ backbone = ["efficientnet_lite0"]
 learning_rate = {low = 1e-4, high = 1e4, log = true}
 units = {low = 32, high = 40000000000}
 """
-HEAD = {
-    "backbone": "efficientnet_lite0",
-    "n_layers": 1,
-    "units_0": 64,
-    "dropout_0": 0.0,
-    "batch_norm": False,
-    "learning_rate": 0.01,
-    "optimizer": "adam",
-    "batch_size": 32,
-    "label_smoothing": 0.0,
-    "weight_decay": 1e-6,
-}
+PLAIN_HEAD = {**HEAD, "dropout_0": 0.0, "batch_norm": False}
 # Plain SGD at the widened space's largest learning rate, with the default space's largest
 # weight decay: each step scales the weights by 1 - lr * wd = -99, so they overflow to inf.
-DIVERGES = {**HEAD, "optimizer": "sgd", "learning_rate": 1e4, "weight_decay": 1e-2}
+DIVERGES = {**PLAIN_HEAD, "optimizer": "sgd", "learning_rate": 1e4, "weight_decay": 1e-2}
 # A 1280 x 4e10 kernel: 200 TB, more than any machine's (or GPU's) memory.
-TOO_BIG = {**HEAD, "units_0": 40_000_000_000}
+TOO_BIG = {**PLAIN_HEAD, "units_0": 40_000_000_000}
 
 
 @pytest.mark.filterwarnings("ignore::UserWarning")
@@ -232,7 +221,7 @@ def test_nan_loss_and_out_of_memory_fail_only_their_own_trial(workspace: Path) -
     )
     settings = Settings.load(environ=env)
     study = create_or_load(open_storage(settings, heartbeat=False), settings)
-    for params in (DIVERGES, TOO_BIG, HEAD):
+    for params in (DIVERGES, TOO_BIG, PLAIN_HEAD):
         study.enqueue_trial(params)
 
     report = run_worker(settings, n_trials=1)

@@ -9,20 +9,9 @@ from optuna.trial import TrialState
 from search.settings import Settings
 from search.study import create_or_load, open_storage
 from search.worker import run_worker
-from tests.conftest import search_env
+from tests.conftest import HEAD, search_env
 
-GOOD = {
-    "backbone": "efficientnet_lite0",
-    "n_layers": 1,
-    "units_0": 64,
-    "dropout_0": 0.0,
-    "batch_norm": False,
-    "learning_rate": 0.01,
-    "optimizer": "adam",
-    "batch_size": 32,
-    "label_smoothing": 0.0,
-    "weight_decay": 1e-6,
-}
+GOOD = {**HEAD, "dropout_0": 0.0, "batch_norm": False}
 # Same head, but a learning rate 100x too small for plain SGD: it barely moves in 8 epochs.
 BAD = {**GOOD, "optimizer": "sgd", "learning_rate": 1e-4}
 
