@@ -51,9 +51,11 @@ def finetune(
     epochs: int = 5,
     learning_rate: float = 1e-4,
     log: Callable[[str], None] | None = None,
+    extra_attrs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune trial `trial` (default: the best frozen-backbone trial) and record the result as
-    a new trial. Returns the numbers and a one-paragraph "summary"."""
+    a new trial (with `extra_attrs` among its user attrs, e.g. rerun_of). Returns the numbers and
+    a one-paragraph "summary". The seed is the source trial's, so a repeat gives the same model."""
     say = log if log is not None else _stderr
     if unfreeze < 1:
         raise ConfigError(f"--unfreeze must be at least 1 layer, got {unfreeze}")
@@ -123,6 +125,7 @@ def finetune(
             "val_macro_f1_before": result["before"],
             "train_seconds": round(time.monotonic() - started, 2),
             **{f"val_{k}": v for k, v in result["best_metrics"].items()},
+            **(extra_attrs or {}),
         }
         number = record_trial(
             study, storage, store, source, result["best_value"], user_attrs, Path(tmp)

@@ -1,12 +1,15 @@
 """Re-run a trial exactly: same params, same seed, same prepared data, as a new trial.
 
 The copy is enqueued in the study (so it is visible in the dashboard beside the original) and
-run by a worker in this process.
+run by a worker in this process. A fine-tuned trial (stage "finetune") is re-run by
+fine-tuning its source trial again with the recorded layers, epochs and learning rate.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from optuna.trial import FrozenTrial
 
 from search.errors import ConfigError
 from search.settings import Settings
@@ -20,6 +23,8 @@ def rerun(settings: Settings, number: int) -> tuple[dict[str, Any], int]:
     if number not in trials:
         raise ConfigError(f"study {settings.study!r} has no trial {number}")
     original = trials[number]
+    if "finetuned_from" in original.user_attrs:
+        return _rerun_finetune(settings, original)
     if "seed" not in original.user_attrs or not original.params:
         raise ConfigError(f"trial {number} has no recorded params and seed to re-run")
     study.enqueue_trial(
@@ -32,3 +37,18 @@ def rerun(settings: Settings, number: int) -> tuple[dict[str, Any], int]:
     latest = max(reruns, key=lambda t: t.number)
     values = {"original": original.value, "rerun": latest.value}
     return values, latest.number
+
+
+def _rerun_finetune(settings: Settings, original: FrozenTrial) -> tuple[dict[str, Any], int]:
+    from search.finetune import finetune  # imports Keras: only after a worker claimed its GPU
+
+    attrs = original.user_attrs
+    result = finetune(
+        settings,
+        trial=int(attrs["finetuned_from"]),
+        unfreeze=int(attrs["unfreeze"]),
+        epochs=int(attrs["finetune_epochs"]),
+        learning_rate=float(attrs["finetune_learning_rate"]),
+        extra_attrs={"rerun_of": original.number},
+    )
+    return {"original": original.value, "rerun": result["after"]}, int(result["trial"])

@@ -16,6 +16,7 @@ from search.errors import ConfigError
 from search.finetune import _leaves, finetune
 from search.metrics import macro_f1
 from search.registry import assemble
+from search.rerun import rerun
 from search.settings import Settings
 from search.study import load, open_storage
 from tests.conftest import search_env, searched_workspace
@@ -80,6 +81,13 @@ def test_finetune_trains_only_the_top_layers_and_records_a_promotable_trial(
             changed.append(layer.name)
             assert not isinstance(layer, keras.layers.BatchNormalization)
     assert changed == result["unfrozen_layers"]
+
+    # `search rerun` of the fine-tuned trial fine-tunes its source again, to the same score.
+    values, number = rerun(settings, tuned.number)
+    again = load(open_storage(settings, heartbeat=False), settings).trials[number]
+    assert again.user_attrs["rerun_of"] == tuned.number
+    assert again.user_attrs["finetuned_from"] == source.number
+    assert values["rerun"] == pytest.approx(values["original"], abs=1e-6)
 
 
 def test_finetune_refuses_what_it_cannot_fine_tune(
