@@ -23,14 +23,15 @@ install: $(STAMP)
 # promote -> predict on held-out test photos. Starts from a fresh demo study; promotes with --force
 # because each run is a new search.
 demo: install clean-demo
-	$(BIN)/search synth data/demo/rare_species.zip --zip --families 16 --images 900 --image-px 128
+	$(BIN)/search synth data/demo/rare_species.zip --zip --style photos --families 16 --images 900 \
+		--image-px 128
 	$(DEMO_ENV) $(BIN)/search prepare data/demo/rare_species.zip --image-size 96
 	$(DEMO_ENV) $(BIN)/search worker $(DEMO_WORKER) & first=$$!; \
 	$(DEMO_ENV) $(BIN)/search worker $(DEMO_WORKER); second=$$?; \
 	wait $$first && test $$second -eq 0
 	$(DEMO_ENV) $(BIN)/promote-best --force
 	cd data/demo && unzip -q rare_species.zip -d unzipped
-	awk -F, 'NR > 1 && $$10 == "test" { print "data/demo/unzipped/rare_species/" $$8 }' \
+	awk -F, 'NR > 1 && $$10 == "test" && !seen[$$7]++ { print "data/demo/unzipped/rare_species/" $$8 }' \
 		data/demo/prepared/manifest.csv | head -n 6 | xargs env $(DEMO_ENV) $(BIN)/search predict --top-k 3
 
 clean-demo:

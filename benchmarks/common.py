@@ -33,19 +33,30 @@ HEAD_PARAMS = {
 }
 
 
-def prepared(families: int, images: int, image_px: int, image_size: int, *, seed: int = 0) -> Path:
+def prepared(
+    families: int, images: int, image_px: int, image_size: int, *, seed: int = 0, style="coats"
+) -> Path:
     """A generated data set (`search synth`), prepared (`search prepare`) once and reused."""
     from search.dataset import prepare
     from search.synth import generate
 
     name = f"synth-f{families}-n{images}-{image_px}px-s{seed}"
+    if style != "coats":
+        name += f"-{style}"
     out = WORK / f"{name}-prepared{image_size}"
     if (out / "prepared.json").exists():
         return out
     source = WORK / name
     if not (source / "metadata.csv").exists():
         log(f"generating {name}")
-        generate(source, n_families=families, total_images=images, image_px=image_px, seed=seed)
+        generate(
+            source,
+            n_families=families,
+            total_images=images,
+            image_px=image_px,
+            seed=seed,
+            style=style,
+        )
     log(f"preparing {name} at {image_size} px")
     prepare(source, out, image_size=image_size, seed=seed, workers=2)
     return out

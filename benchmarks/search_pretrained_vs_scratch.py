@@ -8,7 +8,7 @@ artifact store, the default median pruner) and `promote_best`, in a fresh worksp
 benchmarks/results/cache/ (so the feature extraction is part of the pretrained study's time).
 
     .venv/bin/python benchmarks/search_pretrained_vs_scratch.py [--trials 30] [--scratch-trials 8]
-        [--image-px 128 --image-size 96] [--pruner median] [--finetune-epochs 3]
+        [--image-px 192 --image-size 160] [--style photos] [--pruner median] [--finetune-epochs 3]
 """
 
 from __future__ import annotations
@@ -92,23 +92,27 @@ def main() -> None:
     parser.add_argument("--scratch-trials", type=int, default=8)
     parser.add_argument("--families", type=int, default=20)
     parser.add_argument("--images", type=int, default=1200)
-    parser.add_argument("--image-size", type=int, default=96)
+    parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--max-epochs", type=int, default=15)
     parser.add_argument("--feature-views", type=int, default=2)
-    parser.add_argument("--image-px", type=int, default=128, help="side of the generated images")
+    parser.add_argument("--image-px", type=int, default=192, help="side of the generated images")
     parser.add_argument("--pruner", default="median", help="the service's default: median")
+    parser.add_argument("--style", default="photos", help="search synth --style (photos, coats)")
     parser.add_argument("--finetune-epochs", type=int, default=3, help="0: no fine-tuning")
     args = parser.parse_args()
 
     from search.dataset import load_prepared
 
     print(f"search: pretrained (cached features) vs from scratch, {machine()}")
-    data_dir = prepared(args.families, args.images, args.image_px, args.image_size)
+    data_dir = prepared(
+        args.families, args.images, args.image_px, args.image_size, style=args.style
+    )
     data = load_prepared(data_dir)
     n = {s: len(data.indices(s)) for s in ("train", "val", "test")}
-    print(f"data: {len(data.classes)} families, train {n['train']}, val {n['val']}, test "
-          f"{n['test']} at {data.image_size} px; max {args.max_epochs} epochs, "
-          f"{args.pruner} pruner, {args.feature_views} augmented feature views")  # fmt: skip
+    print(f"data: {args.style} style, {len(data.classes)} families, train {n['train']}, "
+          f"val {n['val']}, test {n['test']} at {data.image_size} px; "
+          f"max {args.max_epochs} epochs, {args.pruner} pruner, "
+          f"{args.feature_views} augmented feature views")  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="search-", dir=WORK))
     try:
         rows = []

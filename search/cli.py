@@ -51,6 +51,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
         seed=args.seed,
         as_zip=args.zip,
         total_images=args.images,
+        style=args.style,
     )
     print(f"wrote synthetic data set to {path}")
     return 0
@@ -210,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-px", dest="image_px", type=int, default=128, help="image side in px")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--zip", action="store_true", help="write a zip like rare_species.zip")
+    p.add_argument(
+        "--style",
+        choices=["coats", "photos"],
+        default="coats",
+        help="coats: a family is a coat texture, quick to learn (default); photos: a family is "
+        "a body plan in field-photo-like scenes, where ImageNet features pay as on real photos",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("prepare", help="validate, split and decode a data set into data/prepared")

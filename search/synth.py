@@ -8,7 +8,9 @@ public label list), and images a classifier can learn only partly. Each family h
 zigzags) with a family orientation and frequency, light or dark markings. Species vary it a
 little, every photo jitters it and puts the animal at a random place, size and rotation on a
 cluttered background with distractor patterns and noise, so colour alone is not enough and a
-better model scores clearly better than a worse one.
+better model scores clearly better than a worse one. That is the default "coats" style, quick
+to learn (tests, smoke runs); the "photos" style (search/synth_photos.py) makes a family a
+body plan in photo-like scenes, where pretrained backbones pay off as they do on real photos.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import shutil
 import tempfile
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -28,8 +31,15 @@ import numpy as np
 from PIL import Image
 
 from search.errors import ConfigError
+from search.synth_photos import (
+    body_plans,
+    hsv_to_rgb,
+    pick_combinations,
+    render_photo,
+    species_look,
+)
 
-__all__ = ["FAMILY_TABLE", "METADATA_COLUMNS", "generate", "load_families"]
+__all__ = ["FAMILY_TABLE", "METADATA_COLUMNS", "STYLES", "generate", "load_families"]
 
 FAMILY_TABLE = "families.csv"
 METADATA_COLUMNS = (
@@ -42,6 +52,7 @@ METADATA_COLUMNS = (
     "file_path",
 )
 ZIP_TOP = "rare_species"
+STYLES = ("coats", "photos")  # a family is a coat texture / a body plan (search/synth_photos.py)
 MIN_PER_FAMILY = 8
 GRAYSCALE_FRACTION = 0.01  # "a few" real photos are grayscale JPEGs
 
@@ -52,6 +63,8 @@ _ANGLES = (0.0, 45.0, 90.0, 135.0)
 _FREQS = (3.0, 5.0, 8.0)  # pattern cycles across the body's long axis
 _MARKINGS = ("dark", "light")
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed, so one seed gives one byte-identical zip
+
+Render = Callable[[int, int, int], bytes]  # (family, species, image) -> JPEG bytes
 
 
 @dataclass(frozen=True)
@@ -94,6 +107,7 @@ def generate(
     seed: int = 0,
     as_zip: bool = False,
     total_images: int | None = None,
+    style: str = "coats",
 ) -> Path:
     """Write a synthetic data set at `out` (a folder, or with `as_zip` a zip file whose single
     top-level folder is `rare_species/`, like the real download) and return its path.
@@ -101,26 +115,45 @@ def generate(
     Image counts per family: scaled from the real counts to about `total_images` (at least 8 a
     family) when given; else the real counts mapped linearly onto `images_per_family`
     (lo, hi) when given; else the real counts. Families are picked one per size-quantile, so
-    large and small families are both present. Refuses to overwrite an existing `out`: it
-    might be the user's real data.
+    large and small families are both present. `style` "coats": a family is a coat texture,
+    quick to learn (tests, demos); "photos": a family is a body plan in field-photo-like
+    scenes, where pretrained features pay as on the real photos. Refuses to overwrite an
+    existing `out`: it might be the user's real data.
     """
     out = Path(out)
     table = load_families()
     _check_args(n_families, images_per_family, image_px, total_images, len(table))
+    if style not in STYLES:
+        raise ConfigError(f"unknown style {style!r}: choose one of {', '.join(STYLES)}")
     if out.exists():
         raise ConfigError(f"{out} already exists: remove it or choose another output path")
     rng = np.random.default_rng(seed)
     chosen = _choose_families(table, n_families, rng)
     counts = _image_counts(chosen, images_per_family, total_images)
-    looks = _family_looks(len(chosen), rng)
+    render = _renderer(style, len(chosen), image_px, seed, rng)
     rows = _metadata_rows(chosen, counts, rng)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     if as_zip:
-        _write_zip(out, rows, chosen, looks, image_px, seed)
+        _write_zip(out, rows, chosen, render)
     else:
-        _write_folder(out, rows, chosen, looks, image_px, seed)
+        _write_folder(out, rows, chosen, render)
     return out
+
+
+def _renderer(style: str, n: int, image_px: int, seed: int, rng: np.random.Generator) -> Render:
+    """The function that draws photo `img` of species `sp` of family `fam` (0-based)."""
+    if style == "coats":
+        looks = _family_looks(n, rng)
+        return lambda fam, sp, img: _render_jpeg(looks[fam], fam, sp, img, image_px, seed)
+    plans = body_plans(n, rng)
+
+    def render(fam: int, sp: int, img: int) -> bytes:
+        plan, coat = species_look(plans[fam], seed, fam, sp)
+        r = np.random.default_rng([seed, fam, sp, img, 2])
+        return _jpeg(render_photo(plan, coat, r, image_px), r)
+
+    return render
 
 
 def _check_args(
@@ -172,20 +205,8 @@ def _image_counts(
 
 def _family_looks(n: int, rng: np.random.Generator) -> list[_Look]:
     """Distinct trait combinations, drawn without replacement from the full grid."""
-    grid = [
-        (h, p, a, f, m)
-        for h in _HUES
-        for p in _PATTERNS
-        for a in _ANGLES
-        for f in _FREQS
-        for m in _MARKINGS
-    ]
-    picks = rng.choice(len(grid), size=n, replace=False)
-    looks = []
-    for i in picks:
-        h, p, a, f, m = grid[int(i)]
-        looks.append(_Look(h, p, a, f, m, float(rng.uniform(0.45, 0.8))))
-    return looks
+    traits = pick_combinations((_HUES, _PATTERNS, _ANGLES, _FREQS, _MARKINGS), n, rng)
+    return [_Look(*t, aspect=float(rng.uniform(0.45, 0.8))) for t in traits]
 
 
 def _metadata_rows(
@@ -230,13 +251,11 @@ def _metadata_bytes(rows: list[dict[str, object]]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def _images(
-    rows: list[dict[str, object]], looks: list[_Look], image_px: int, seed: int
-) -> list[tuple[str, bytes]]:
+def _images(rows: list[dict[str, object]], render: Render) -> list[tuple[str, bytes]]:
     out = []
     for row in rows:
         fam, sp, img = int(row["_family"]), int(row["_species"]), int(row["_image"])
-        out.append((str(row["file_path"]), _render_jpeg(looks[fam], fam, sp, img, image_px, seed)))
+        out.append((str(row["file_path"]), render(fam, sp, img)))
     return out
 
 
@@ -244,9 +263,7 @@ def _write_zip(
     out: Path,
     rows: list[dict[str, object]],
     chosen: list[FamilyInfo],
-    looks: list[_Look],
-    image_px: int,
-    seed: int,
+    render: Render,
 ) -> None:
     """Write beside `out`, then rename: a crash never leaves a half zip under the real name."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -259,7 +276,7 @@ def _write_zip(
             zf.writestr(meta, _metadata_bytes(rows), compress_type=zipfile.ZIP_DEFLATED)
             for folder in sorted({f"{f.phylum}_{f.family}" for f in chosen}):
                 _zip_dir(zf, f"{ZIP_TOP}/{folder}/")
-            for path, data in _images(rows, looks, image_px, seed):
+            for path, data in _images(rows, render):
                 info = zipfile.ZipInfo(f"{ZIP_TOP}/{path}", date_time=_ZIP_DATE)
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)  # JPEGs don't shrink
@@ -279,9 +296,7 @@ def _write_folder(
     out: Path,
     rows: list[dict[str, object]],
     chosen: list[FamilyInfo],
-    looks: list[_Look],
-    image_px: int,
-    seed: int,
+    render: Render,
 ) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     tmp.chmod(0o755)
@@ -289,7 +304,7 @@ def _write_folder(
         (tmp / "metadata.csv").write_bytes(_metadata_bytes(rows))
         for f in chosen:
             (tmp / f"{f.phylum}_{f.family}").mkdir(exist_ok=True)
-        for path, data in _images(rows, looks, image_px, seed):
+        for path, data in _images(rows, render):
             (tmp / path).write_bytes(data)
         os.replace(tmp, out)
     except BaseException:
@@ -299,15 +314,6 @@ def _write_folder(
 
 # ---------------------------------------------------------------------------------------------
 # Rendering: plain numpy on a float (h, w, 3) canvas in [0, 1].
-
-
-def _hsv(h: float, s: float, v: float) -> np.ndarray:
-    """One HSV colour to RGB in [0, 1] (colorsys without the per-call tuple juggling)."""
-    i = int(h * 6.0) % 6
-    f = h * 6.0 - int(h * 6.0)
-    p, q, t = v * (1 - s), v * (1 - s * f), v * (1 - s * (1 - f))
-    rgb = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)][i]
-    return np.array(rgb, dtype=np.float32)
 
 
 def _pattern(kind: str, u: np.ndarray, v: np.ndarray, freq: float) -> np.ndarray:
@@ -350,7 +356,11 @@ def _render_jpeg(base: _Look, fam: int, sp: int, img: int, image_px: int, seed: 
     canvas *= r.uniform(0.75, 1.15)  # exposure
     canvas += r.normal(0.0, r.uniform(0.03, 0.07), canvas.shape).astype(np.float32)
     pixels = (np.clip(canvas, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
-    picture = Image.fromarray(pixels)
+    return _jpeg(Image.fromarray(pixels), r)
+
+
+def _jpeg(picture: Image.Image, r: np.random.Generator) -> bytes:
+    """Encode like a camera roll: varying quality, and now and then a grayscale file."""
     if r.random() < GRAYSCALE_FRACTION:
         picture = picture.convert("L")
     buf = io.BytesIO()
@@ -381,7 +391,7 @@ def _clutter(canvas: np.ndarray, r: np.random.Generator, xx: np.ndarray, yy: np.
         u = ((xx - cx) * np.cos(t) + (yy - cy) * np.sin(t)) / a
         v = (-(xx - cx) * np.sin(t) + (yy - cy) * np.cos(t)) / b
         mask = np.clip((1.0 - (u * u + v * v)) * 3.0, 0.0, 1.0)[..., None]
-        colour = _hsv(r.uniform(0, 1), r.uniform(0.2, 0.9), r.uniform(0.3, 0.95))
+        colour = hsv_to_rgb(r.uniform(0, 1), r.uniform(0.2, 0.9), r.uniform(0.3, 0.95))
         if r.random() < 0.5:
             kind = _PATTERNS[int(r.integers(len(_PATTERNS)))]
             coat = _pattern(kind, u * r.uniform(1.0, 4.0), v, 1.0)
@@ -417,7 +427,7 @@ def _animal(
     phase = r.uniform(0, 1)
     coat = _pattern(look.pattern, pu + phase, pv + phase, 1.0)[..., None]
     hue = (look.hue + r.uniform(-0.025, 0.025)) % 1.0
-    fur = _hsv(hue, r.uniform(0.55, 0.9), r.uniform(0.6, 0.9))
+    fur = hsv_to_rgb(hue, r.uniform(0.55, 0.9), r.uniform(0.6, 0.9))
     if look.marking == "dark":
         mark = fur * r.uniform(0.15, 0.35)
     else:

@@ -22,6 +22,7 @@ from sklearn.preprocessing import StandardScaler
 from search.errors import ConfigError
 from search.images import decode_image
 from search.synth import METADATA_COLUMNS, generate, load_families
+from search.synth_photos import body_plans, species_look
 
 NAME = re.compile(
     r"^(?P<phylum>[a-z]+)_(?P<family>[a-z]+)/(?P<c>\d+)_(?P<p>\d+)_eol-full-size-copy\.jpg$"
@@ -63,8 +64,9 @@ def test_zip_has_the_real_layout(tmp_path: Path) -> None:
     assert all(len(f) == 1 for f in fam_of.values())
 
 
-def test_same_seed_same_bytes(tmp_path: Path) -> None:
-    kw = {"n_families": 3, "total_images": 30, "image_px": 32, "as_zip": True}
+@pytest.mark.parametrize("style", ["coats", "photos"])
+def test_same_seed_same_bytes(tmp_path: Path, style: str) -> None:
+    kw = {"n_families": 3, "total_images": 30, "image_px": 32, "as_zip": True, "style": style}
     a = generate(tmp_path / "a.zip", seed=1, **kw).read_bytes()
     b = generate(tmp_path / "b.zip", seed=1, **kw).read_bytes()
     c = generate(tmp_path / "c.zip", seed=2, **kw).read_bytes()
@@ -109,7 +111,28 @@ def test_refuses_to_overwrite_and_bad_arguments(tmp_path: Path) -> None:
     assert target.read_bytes() == b"the user's real download"
     with pytest.raises(ConfigError, match="n_families"):
         generate(tmp_path / "x", n_families=500)
+    with pytest.raises(ConfigError, match="unknown style 'cartoon'"):
+        generate(tmp_path / "x", style="cartoon")
     assert not (tmp_path / "x").exists()
+
+
+def test_photos_style_families_are_shapes_and_species_are_colours(tmp_path: Path) -> None:
+    """In the photos style every family has its own body plan; its species share it and differ
+    in coat; the images have the real layout like the coats style's."""
+    plans = body_plans(40, np.random.default_rng(0))
+    assert len({(p.legs, p.tail, p.head, p.extra, p.aspect) for p in plans}) == 40
+    a_plan, a_coat = species_look(plans[0], seed=0, fam=0, sp=0)
+    b_plan, b_coat = species_look(plans[0], seed=0, fam=0, sp=1)
+    parts = ("legs", "tail", "head", "extra")
+    assert all(getattr(a_plan, k) == getattr(b_plan, k) == getattr(plans[0], k) for k in parts)
+    assert a_coat != b_coat
+    folder = generate(tmp_path / "d", n_families=4, total_images=40, image_px=64, style="photos")
+    rows = read_csv(folder / "metadata.csv")
+    assert len({r["family"] for r in rows}) == 4 and len(rows) >= 40
+    for r in rows:
+        assert NAME.match(r["file_path"])
+        with Image.open(folder / r["file_path"]) as img:
+            assert img.format == "JPEG" and all(57 <= s <= 71 for s in img.size)
 
 
 def test_learnable_but_not_trivial(tmp_path: Path) -> None:
