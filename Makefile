@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The demo keeps to its own study, data, registry and artifacts: it never touches your search.
 DEMO_ENV := SEARCH_STORAGE=sqlite:///study_db/demo.sqlite3 SEARCH_STUDY=demo \
-	SEARCH_DATA_DIR=data/demo/prepared SEARCH_FEATURES_DIR=data/demo/features
+	SEARCH_DATA_DIR=data/demo/prepared SEARCH_FEATURES_DIR=data/demo/features \
+	SEARCH_MODELS_DIR=data/demo/models SEARCH_ARTIFACTS_DIR=data/demo/artifacts
 DEMO_WORKER := --n-trials 24 --max-epochs 20 --space configs/demo_space.toml
 
 .PHONY: install demo test lint bench clean-demo
@@ -20,8 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 # The main job on generated data: synth -> prepare -> 2 workers sharing the SQLite default ->
-# promote -> predict on held-out test photos. Starts from a fresh demo study; promotes with --force
-# because each run is a new search.
+# promote -> predict on held-out test photos. Each run starts from scratch (clean-demo).
 demo: install clean-demo
 	$(BIN)/search synth data/demo/rare_species.zip --zip --style photos --families 16 --images 900 \
 		--image-px 128
@@ -29,7 +30,7 @@ demo: install clean-demo
 	$(DEMO_ENV) $(BIN)/search worker $(DEMO_WORKER) & first=$$!; \
 	$(DEMO_ENV) $(BIN)/search worker $(DEMO_WORKER); second=$$?; \
 	wait $$first && test $$second -eq 0
-	$(DEMO_ENV) $(BIN)/promote-best --force
+	$(DEMO_ENV) $(BIN)/promote-best
 	cd data/demo && unzip -q rare_species.zip -d unzipped
 	awk -F, 'NR > 1 && $$10 == "test" && !seen[$$7]++ { print "data/demo/unzipped/rare_species/" $$8 }' \
 		data/demo/prepared/manifest.csv | head -n 6 | xargs env $(DEMO_ENV) $(BIN)/search predict --top-k 3
