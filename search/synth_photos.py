@@ -38,6 +38,7 @@ _HEADS = ("round", "snout", "horns", "ears")
 _EXTRAS = ("none", "wings", "fins", "crest")
 _ASPECTS = (1.5, 2.1, 2.8)  # body length over body height
 _COAT_PATTERNS = ("plain", "stripes", "spots", "bands")
+Limb = tuple[np.ndarray, float]  # a polyline in body units and its thickness
 _SUPERSAMPLE = 2  # drawn at twice the size, then downsampled: smooth edges like a lens
 
 
@@ -105,7 +106,7 @@ def render_photo(plan: BodyPlan, coat: Coat, r: np.random.Generator, image_px: i
     w = int(round(image_px * r.uniform(0.9, 1.1))) * _SUPERSAMPLE
     h = int(round(image_px * r.uniform(0.9, 1.1))) * _SUPERSAMPLE
     canvas = _scene(r, w, h)
-    pose = _pose(r, w, h, plan)
+    pose = _pose(r, w, h)
     _shadow(canvas, pose, plan)
     _animal(canvas, plan, coat, pose, r)
     _occluders(canvas, r)
@@ -171,7 +172,8 @@ class _Pose:
         return list(zip(px.tolist(), py.tolist(), strict=True))
 
 
-def _pose(r: np.random.Generator, w: int, h: int, plan: BodyPlan) -> _Pose:
+def _pose(r: np.random.Generator, w: int, h: int) -> _Pose:
+    """Anywhere near the middle, a fifth of the frame long, tilted, facing left or right."""
     side = min(w, h)
     return _Pose(
         cx=float(r.uniform(0.35, 0.65) * w),
@@ -187,12 +189,12 @@ def _ellipse(cx: float, cy: float, a: float, b: float, n: int = 40) -> np.ndarra
     return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], axis=1)
 
 
-def _parts(plan: BodyPlan, r: np.random.Generator) -> tuple[list[np.ndarray], list[tuple]]:
+def _parts(plan: BodyPlan, r: np.random.Generator) -> tuple[list[np.ndarray], list[Limb]]:
     """Polygons (filled) and limbs (thick lines) of the animal, in body coordinates.
     Species-level proportions are jittered per photo a little, as real poses differ."""
     b = 1.0 / plan.aspect
     polys = [_ellipse(0.0, 0.0, 1.0, b)]
-    limbs: list[tuple] = []
+    limbs: list[Limb] = []
     hr = 0.32 + 0.04 * r.standard_normal()
     hx, hy = 1.0 + 0.55 * hr, -0.45 * b
     polys.append(_ellipse(hx, hy, hr, hr * 0.9))
@@ -236,7 +238,8 @@ def _parts(plan: BodyPlan, r: np.random.Generator) -> tuple[list[np.ndarray], li
     return polys, limbs
 
 
-def _mask(w: int, h: int, pose: _Pose, polys: list[np.ndarray], limbs: list[tuple]) -> np.ndarray:
+def _mask(w: int, h: int, pose: _Pose, polys: list[np.ndarray], limbs: list[Limb]) -> np.ndarray:
+    """Where the animal is: 1 inside, 0 outside (smoothed later by the downsampling)."""
     img = Image.new("L", (w, h), 0)
     draw = ImageDraw.Draw(img)
     for poly in polys:
