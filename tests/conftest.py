@@ -72,6 +72,18 @@ def search_env(workspace: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def use_search_env(
+    workspace: Path, monkeypatch: pytest.MonkeyPatch, **extra: str
+) -> dict[str, str]:
+    """Point in-process commands (`search.cli.main`, `Settings.load()`) at `workspace`: its
+    SEARCH_* variables are set for this test only. Returns the whole `search_env`."""
+    env = search_env(workspace, **extra)
+    for key, value in env.items():
+        if key.startswith("SEARCH_"):
+            monkeypatch.setenv(key, value)
+    return env
+
+
 def run_cli(
     args: list[str], env: dict[str, str], cwd: Path, timeout: float = 300, program: str = SEARCH
 ) -> subprocess.CompletedProcess[str]:

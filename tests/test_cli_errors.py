@@ -11,15 +11,12 @@ import pytest
 from search.cli import main
 from search.settings import Settings
 from search.study import create_or_load, open_storage
-from tests.conftest import search_env
+from tests.conftest import use_search_env
 
 
 @pytest.fixture()
 def env(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
-    values = search_env(workspace)
-    for key, value in values.items():
-        if key.startswith("SEARCH_"):
-            monkeypatch.setenv(key, value)
+    values = use_search_env(workspace, monkeypatch)
     monkeypatch.chdir(workspace)
     return values
 

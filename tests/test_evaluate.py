@@ -30,7 +30,7 @@ from search.registry import load_champion, promote_best
 from search.settings import Settings
 from search.study import create_or_load, open_storage
 from search.worker import run_worker
-from tests.conftest import HEAD, search_env
+from tests.conftest import HEAD, search_env, use_search_env
 
 
 @pytest.fixture(scope="module")
@@ -49,9 +49,7 @@ def promoted(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> Pa
 
 @pytest.fixture()
 def settings(promoted: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key, value in search_env(promoted).items():
-        if key.startswith("SEARCH_"):
-            monkeypatch.setenv(key, value)
+    use_search_env(promoted, monkeypatch)
     monkeypatch.chdir(promoted)
     return Settings.load()
 

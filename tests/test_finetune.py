@@ -19,7 +19,7 @@ from search.registry import assemble
 from search.rerun import rerun
 from search.settings import Settings
 from search.study import load, open_storage
-from tests.conftest import search_env, searched_workspace
+from tests.conftest import search_env, searched_workspace, use_search_env
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +93,7 @@ def test_finetune_trains_only_the_top_layers_and_records_a_promotable_trial(
 def test_finetune_refuses_what_it_cannot_fine_tune(
     searched: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    env = search_env(searched)
-    for key, value in env.items():
-        if key.startswith("SEARCH_"):
-            monkeypatch.setenv(key, value)
+    env = use_search_env(searched, monkeypatch)
     settings = Settings.load(environ=env)
     study = load(open_storage(settings, heartbeat=False), settings)
     cnn = next(t for t in study.trials if t.params.get("backbone") == "baseline_cnn")

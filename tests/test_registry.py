@@ -32,7 +32,7 @@ from search.registry import (
 )
 from search.settings import Settings
 from search.study import load, open_storage
-from tests.conftest import PROMOTE, search_env, searched_workspace
+from tests.conftest import PROMOTE, search_env, searched_workspace, use_search_env
 from tests.data_helpers import tree_digest
 
 VERSION_FILES = {MODEL_FILE, INFO_FILE, CARD_FILE, "evaluation.json", "per_family.csv", "reports"}
@@ -53,9 +53,7 @@ def ws(searched_once: Path, tmp_path: Path) -> Path:
 
 @pytest.fixture()
 def settings(ws: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
-    for key, value in search_env(ws).items():
-        if key.startswith("SEARCH_"):
-            monkeypatch.setenv(key, value)
+    use_search_env(ws, monkeypatch)
     monkeypatch.chdir(ws)
     return Settings.load()
 

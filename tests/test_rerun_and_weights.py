@@ -14,7 +14,7 @@ from search.rerun import rerun
 from search.settings import Settings
 from search.study import create_or_load, open_storage
 from search.worker import run_worker
-from tests.conftest import HEAD, search_env
+from tests.conftest import HEAD, search_env, use_search_env
 
 
 def test_rerun_reproduces_the_trial_value(workspace: Path) -> None:
@@ -45,9 +45,7 @@ def test_imagenet_weights_offline_error_names_file_and_folder() -> None:
 def test_space_asking_for_unavailable_weights_fails_before_any_trial(
     workspace: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    for key, value in search_env(workspace).items():
-        if key.startswith("SEARCH_"):
-            monkeypatch.setenv(key, value)
+    use_search_env(workspace, monkeypatch)
     (workspace / "s.toml").write_text('[space]\nbackbone = ["vgg16"]\n')
     code = main(
         ["worker", "--n-trials", "1", "--weights", "imagenet", "--space", str(workspace / "s.toml")]
