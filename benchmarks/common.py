@@ -34,7 +34,13 @@ HEAD_PARAMS = {
 
 
 def prepared(
-    families: int, images: int, image_px: int, image_size: int, *, seed: int = 0, style="coats"
+    families: int,
+    images: int,
+    image_px: int,
+    image_size: int,
+    *,
+    seed: int = 0,
+    style: str = "coats",
 ) -> Path:
     """A generated data set (`search synth`), prepared (`search prepare`) once and reused."""
     from search.dataset import prepare
