@@ -1,11 +1,14 @@
 """How many workers can one study storage serve? Trials per hour for 1, 2 and 4 worker processes
 on SQLite (the single-machine default) and on PostgreSQL, and the storage's own cost per trial.
 
-A benchmark trial does what a real one does to the storage, without the training: the worker's
-storage settings (search.study: heartbeat, pool, TPE sampler with constant liar, median pruner),
-the search space's ten suggestions, one report + should_prune per epoch (8 epochs), six user
-attributes, tell. Each epoch sleeps TRIAL_S / 8, so the CPU (2 cores here) is not what limits
-4 workers: what is measured is the storage. Each row runs its workers for the same wall time.
+A benchmark trial does what a real one (search/trial.py) does to the storage, without the
+training: the worker's storage settings (search.study: heartbeat, pool, TPE sampler with constant
+liar, median pruner asked from its first prunable epoch on), the search space's ten suggestions,
+the trial's attributes written together at its start and at its end (search.study.set_user_attrs),
+one report per epoch (8 epochs) and should_prune from epoch 5, two artifact uploads (checkpoint
+and history, into a folder), the new-best check, tell. Each epoch sleeps TRIAL_S / 8, so the
+CPU (2 cores here) is not what limits 4 workers: what is measured is the storage. Each row runs
+its workers for the same wall time.
 
     .venv/bin/python benchmarks/storage_throughput.py [--seconds 12] [--trial-s 0.4]
         [--pg postgresql://postgres@127.0.0.1:5432/postgres]
@@ -33,18 +36,22 @@ from typing import Any
 import optuna
 import psycopg
 from common import log, machine
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts._protocol import ArtifactStore
 from sqlalchemy.engine import make_url
 
 from search.settings import Settings
-from search.study import create_or_load, open_storage
+from search.study import create_or_load, open_storage, set_user_attrs
+from search.trial import is_new_best
 
 EPOCHS = 8
 WARM_UP = 30  # trials in the study before timing: TPE past its random start-up, tables warm
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def objective(trial: optuna.Trial, trial_s: float) -> float:
+def objective(trial: optuna.Trial, trial_s: float, store: ArtifactStore) -> float:
     """The storage traffic of one real trial (search/space.py + search/trial.py), no training."""
+    set_user_attrs(trial, {"worker": "bench", "gpu": None, "seed": trial.number})
     trial.suggest_categorical("backbone", ["efficientnet_lite0", "mobilenet_v2_tv"])
     n_layers = trial.suggest_int("n_layers", 1, 3)
     for i in range(n_layers):
@@ -56,15 +63,24 @@ def objective(trial: optuna.Trial, trial_s: float) -> float:
     trial.suggest_categorical("batch_size", [16, 32, 64, 128])
     trial.suggest_float("label_smoothing", 0.0, 0.2)
     trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
-    trial.set_user_attr("seed", trial.number)
-    trial.set_user_attr("worker", "bench")
     for epoch in range(1, EPOCHS + 1):
         time.sleep(trial_s / EPOCHS)
         trial.report(0.1 * epoch, epoch)  # the same curve for all: the pruner asks, never prunes
         if trial.should_prune():
             raise optuna.TrialPruned()
-    for name in ("epochs_run", "train_seconds", "history", "checkpoint"):
-        trial.set_user_attr(name, 1)
+    attrs: dict[str, Any] = {"feature_key": "bench", "epochs_run": EPOCHS}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ("history", "checkpoint"):
+            path = Path(tmp) / name
+            path.write_bytes(b"x" * 1024)
+            attrs[name] = upload_artifact(
+                artifact_store=store, file_path=str(path), study_or_trial=trial
+            )
+    attrs.update({f"val_{m}": 0.5 for m in ("accuracy", "top5_accuracy", "macro_f1",
+                                             "weighted_f1", "auc", "loss")})  # fmt: skip
+    attrs.update(checkpoint_kind="head", best_epoch=EPOCHS, train_seconds=trial_s)
+    set_user_attrs(trial, attrs)
+    is_new_best(trial, 0.8 + lr)
     return 0.8 + lr
 
 
@@ -83,11 +99,12 @@ def worker(
     url: str, study: str, sampler: str, trial_s: float, start_at: float, seconds: float, out: Any
 ) -> None:
     handle, _ = open_study(url, study, sampler)
+    store = FileSystemArtifactStore(tempfile.mkdtemp(prefix="bench-artifacts-"))
     time.sleep(max(0.0, start_at - time.time()))
     done = 0
     deadline = start_at + seconds
     while time.time() < deadline:
-        handle.optimize(lambda t: objective(t, trial_s), n_trials=1)
+        handle.optimize(lambda t: objective(t, trial_s, store), n_trials=1)
         done += 1
     out.put((done, time.time() - start_at))
 
@@ -97,7 +114,8 @@ def run(
 ) -> dict[str, Any]:
     study = f"bench-{uuid.uuid4().hex[:8]}"
     handle, storage = open_study(url, study, sampler)
-    handle.optimize(lambda t: objective(t, 0.0), n_trials=WARM_UP)
+    store = FileSystemArtifactStore(tempfile.mkdtemp(prefix="bench-artifacts-"))
+    handle.optimize(lambda t: objective(t, 0.0, store), n_trials=WARM_UP)
     storage.engine.dispose()  # count only the workers' connections below
     ctx = mp.get_context("spawn")
     out = ctx.Queue()

@@ -3,6 +3,12 @@
 Frozen backbones train only the head on cached features (search.features); the baseline CNN
 trains end to end on the decoded images. Either way the objective is validation macro-F1,
 reported every epoch so the pruner can stop unpromising trials.
+
+A head trial is mostly overhead unless it is built for speed: the whole feature table goes to
+the backend once (FeatureTable), the model takes example indices, so one `fit` runs every epoch
+with whole epochs per execution where the backend allows (TensorFlow, JAX), and validation is
+one direct call on the validation array. Pruned trials upload nothing; the storage sees one
+write for the trial's attributes at its start and one at its end.
 """
 
 from __future__ import annotations
@@ -31,10 +37,12 @@ from search.dataset import PreparedData
 from search.metrics import compute_metrics, macro_f1
 from search.settings import Settings
 from search.space import Dimension, sample
+from search.study import set_user_attrs
 
 CHECKPOINT_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
-EVAL_BATCH = 1024
+BEST_CURVES_ID = "curves-best"  # one figure on the study page, replaced by each new best trial
+EVAL_BYTES = 64 * 2**20  # input bytes per validation call
 
 
 class TrialFailed(Exception):
@@ -66,9 +74,10 @@ def trial_seed(trial: optuna.Trial, base_seed: int) -> int:
     return int(seed)
 
 
-def objective(trial: optuna.Trial, env: TrialEnv) -> float:
+def objective(trial: optuna.Trial, env: TrialEnv, attrs: dict[str, Any] | None = None) -> float:
+    """Validation macro-F1 of the best epoch. `attrs` (the worker's) are stored with the seed."""
     seed = trial_seed(trial, env.settings.seed)
-    trial.set_user_attr("seed", seed)
+    set_user_attrs(trial, {**(attrs or {}), "seed": seed})
     params = sample(trial, env.space)
     try:
         return _train(trial, env, params, seed)
@@ -89,6 +98,8 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     n_classes = len(data.classes)
     keras.backend.clear_session()
     spec = get_spec(params["backbone"])
+    attrs: dict[str, Any] = {}
+    weights = data.class_weights
     if not trains_end_to_end(spec.name, settings.weights):
         feats = feature_cache.load_or_compute(
             data,
@@ -98,14 +109,14 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
             views=settings.feature_views,
             seed=env.feature_seed,
         )
-        trial.set_user_attr("feature_key", feats.key)
+        attrs["feature_key"] = feats.key
         keras.utils.set_random_seed(seed)
-        plain = feats.train[0].astype(np.float32)
+        plain = np.asarray(feats.train[0], dtype=np.float32)
         model = build_head(
             feats.dim, n_classes, params, feature_stats=(plain.mean(0), plain.var(0))
         )
-        train = Batches(feats.train, feats.train_labels, data, params["batch_size"], seed)
-        val_x, val_y = feats.val.astype(np.float32), feats.val_labels
+        train_views, train_y = np.asarray(feats.train), feats.train_labels
+        val_x, val_y = np.asarray(feats.val, dtype=np.float32), feats.val_labels
         kind = "head"
     else:
         keras.utils.set_random_seed(seed)
@@ -119,11 +130,7 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
         train = Batches(images[None], labels, data, params["batch_size"], seed)
         val_x, val_y = data.arrays("val")
         kind = "full"
-    model.compile(
-        optimizer=make_optimizer(params),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"]),
-    )
-    evaluator = Evaluator(trial, val_x, val_y, env, settings.max_epochs)
+    evaluator = Evaluator(trial, model, val_x, val_y, env, settings.max_epochs)
     callbacks = [
         evaluator,
         keras.callbacks.EarlyStopping(monitor="val_macro_f1", mode="max", patience=5),
@@ -131,44 +138,131 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
             monitor="val_macro_f1", mode="max", factor=0.2, patience=3, min_lr=1e-6, verbose=0
         ),
     ]
-    model.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
+    if kind == "head":
+        fit_on_table(
+            model, train_views, train_y, weights, params, settings.max_epochs, callbacks, seed
+        )
+    else:
+        model.compile(optimizer=make_optimizer(params), loss=make_loss(params))
+        model.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
     history = pd.DataFrame(evaluator.rows)
-    trial.set_user_attr("epochs_run", len(history))
-    trial.set_user_attr("train_seconds", round(time.monotonic() - started, 2))
-    save_plotly_graph_object(
-        trial.study,
-        learning_curves(history, trial.number),
-        graph_object_id=f"curves-{trial.number}",
-    )
+    attrs["epochs_run"] = len(history)
+    if evaluator.nan_epoch is not None or evaluator.interrupted or evaluator.pruned:
+        set_user_attrs(trial, attrs)  # nothing uploaded: its curve is in its intermediate values
+    if evaluator.nan_epoch is not None:
+        raise TrialFailed(f"loss became NaN at epoch {evaluator.nan_epoch}")
+    if evaluator.interrupted:
+        raise TrialInterrupted(f"stopped by signal at epoch {len(history)}")
+    if evaluator.pruned:
+        raise optuna.TrialPruned(f"pruned at epoch {len(history)}")
+    model.set_weights(evaluator.best_weights)
     with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
-        csv = Path(tmp) / HISTORY_NAME
+        csv, checkpoint = Path(tmp) / HISTORY_NAME, Path(tmp) / CHECKPOINT_NAME
         history.to_csv(csv, index=False)
-        trial.set_user_attr(
-            "history",
-            upload_artifact(
-                artifact_store=env.artifact_store, file_path=str(csv), study_or_trial=trial
-            ),
-        )
-        if evaluator.nan_epoch is not None:
-            raise TrialFailed(f"loss became NaN at epoch {evaluator.nan_epoch}")
-        if evaluator.interrupted:
-            raise TrialInterrupted(f"stopped by signal at epoch {len(history)}")
-        if evaluator.pruned:
-            raise optuna.TrialPruned(f"pruned at epoch {len(history)}")
-        model.set_weights(evaluator.best_weights)
-        checkpoint = Path(tmp) / CHECKPOINT_NAME
         model.save(checkpoint)
-        trial.set_user_attr("checkpoint_kind", kind)
-        trial.set_user_attr(
-            "checkpoint",
-            upload_artifact(
-                artifact_store=env.artifact_store, file_path=str(checkpoint), study_or_trial=trial
-            ),
+        for attr, path in (("history", csv), ("checkpoint", checkpoint)):
+            attrs[attr] = upload_artifact(
+                artifact_store=env.artifact_store, file_path=str(path), study_or_trial=trial
+            )
+    best_metrics = compute_metrics(val_y, evaluator.best_probs)
+    attrs.update({f"val_{name}": value for name, value in best_metrics.items()})
+    attrs.update(
+        checkpoint_kind=kind,
+        best_epoch=evaluator.best_epoch,
+        train_seconds=round(time.monotonic() - started, 2),
+    )
+    set_user_attrs(trial, attrs)
+    if is_new_best(trial, evaluator.best_value):
+        save_plotly_graph_object(
+            trial.study,
+            learning_curves(history, trial.number, best=True),
+            graph_object_id=BEST_CURVES_ID,
         )
-    for name, value in evaluator.best_metrics.items():
-        trial.set_user_attr(f"val_{name}", value)
-    trial.set_user_attr("best_epoch", evaluator.best_epoch)
     return evaluator.best_value
+
+
+def fit_on_table(
+    model: keras.Model,
+    views: np.ndarray,
+    labels: np.ndarray,
+    class_weights: dict[int, float],
+    params: dict[str, Any],
+    epochs: int,
+    callbacks: list[keras.callbacks.Callback],
+    seed: int,
+) -> None:
+    """Train `model` on every example of `views` (V, n, ...) in one `fit`: the table goes to the
+    backend once, each step gathers its examples there, and a whole epoch runs per execution
+    where the backend allows (the PyTorch backend runs one step per call)."""
+    table = FeatureTable(views, seed=seed, name="train_table")
+    index = keras.Input(shape=(), dtype="int32", name="example")
+    trainer = keras.Model(index, model(table(index)), name="table_trainer")
+    n = int(views.shape[1])
+    trainer.compile(
+        optimizer=make_optimizer(params),
+        loss=make_loss(params),
+        # XLA compiles every trial's step anew, which costs more than a head trial saves.
+        jit_compile=False,
+        steps_per_execution=1
+        if keras.backend.backend() == "torch"
+        else math.ceil(n / params["batch_size"]),
+    )
+    trainer.fit(
+        np.arange(n, dtype=np.int32),
+        np.eye(int(model.output_shape[-1]), dtype=np.float32)[labels],
+        sample_weight=np.array([class_weights[int(y)] for y in labels], dtype=np.float32),
+        batch_size=params["batch_size"],
+        epochs=epochs,
+        shuffle=True,
+        callbacks=callbacks,
+        verbose=0,
+    )
+
+
+def is_new_best(trial: optuna.Trial, value: float) -> bool:
+    """Whether `value` beats every complete trial so far (read from the storage's cache)."""
+    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    return all(t.value is None or value > t.value for t in done)
+
+
+class FeatureTable(keras.layers.Layer):
+    """Every cached view of the training features, held by the backend for the whole trial.
+
+    The model takes example indices; in training each index picks one of the example's views at
+    random (the augmented views act as augmentation), otherwise the plain view. So no batch is
+    assembled in Python and the table crosses to the device once per trial. Stored as it is
+    cached (float16) and cast per batch."""
+
+    def __init__(self, views: np.ndarray, seed: int, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.n_views, self.n_examples = int(views.shape[0]), int(views.shape[1])
+        flat = views.reshape(self.n_views * self.n_examples, *views.shape[2:])
+        self.table = self.add_weight(
+            shape=flat.shape, dtype=str(flat.dtype), trainable=False, name="table"
+        )
+        self.table.assign(flat)
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def call(self, index: Any, training: bool = False) -> Any:
+        index = keras.ops.cast(index, "int32")
+        if training and self.n_views > 1:
+            view = keras.random.randint(
+                keras.ops.shape(index), 0, self.n_views, seed=self.seed_generator, dtype="int32"
+            )
+            index = view * self.n_examples + index
+        return keras.ops.cast(keras.ops.take(self.table, index, axis=0), "float32")
+
+
+def predict(model: keras.Model, x: np.ndarray) -> np.ndarray:
+    """Probabilities from direct calls on large slices: no predict function to trace per trial,
+    no Python batching."""
+    rows = max(1, EVAL_BYTES // max(1, int(np.prod(x.shape[1:])) * 4))
+    return np.concatenate(
+        [
+            keras.ops.convert_to_numpy(model(x[i : i + rows].astype(np.float32), training=False))
+            for i in range(0, len(x), rows)
+        ]
+    )
 
 
 def build_head(
@@ -198,6 +292,10 @@ def build_head(
         x = keras.layers.Dropout(params[f"dropout_{i}"], name=f"dropout{i}")(x)
     outputs = keras.layers.Dense(n_classes, activation="softmax", dtype="float32", name="family")(x)
     return keras.Model(inputs, outputs, name="head")
+
+
+def make_loss(params: dict[str, Any]) -> keras.losses.Loss:
+    return keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"])
 
 
 def make_optimizer(params: dict[str, Any]) -> keras.optimizers.Optimizer:
@@ -250,18 +348,26 @@ class Batches(keras.utils.PyDataset):
 
 
 class Evaluator(keras.callbacks.Callback):
-    """Scores the validation split each epoch, reports it to Optuna, keeps the best weights,
+    """Scores the validation split each epoch with `scored` (the model that is kept: the head,
+    or the end-to-end model), reports it to Optuna, keeps the best weights and probabilities,
     and stops training when the pruner says so, the loss is NaN, or the worker must stop."""
 
     def __init__(
-        self, trial: optuna.Trial, val_x: np.ndarray, val_y: np.ndarray, env: TrialEnv, epochs: int
+        self,
+        trial: optuna.Trial,
+        scored: keras.Model,
+        val_x: np.ndarray,
+        val_y: np.ndarray,
+        env: TrialEnv,
+        epochs: int,
     ) -> None:
         super().__init__()
-        self.trial, self.val_x, self.val_y, self.env, self.epochs = trial, val_x, val_y, env, epochs
+        self.trial, self.scored, self.env, self.epochs = trial, scored, env, epochs
+        self.val_x, self.val_y = val_x, val_y
         self.best_value = -1.0
         self.best_epoch = -1
         self.best_weights: list[np.ndarray] = []
-        self.best_metrics: dict[str, float] = {}
+        self.best_probs = np.zeros((0, 0))
         self.rows: list[dict[str, float]] = []
         self.pruned = self.interrupted = False
         self.nan_epoch: int | None = None
@@ -281,7 +387,7 @@ class Evaluator(keras.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         logs = logs if logs is not None else {}
         loss = float(logs.get("loss", float("nan")))
-        probs = np.asarray(self.model.predict(self.val_x, batch_size=EVAL_BATCH, verbose=0))
+        probs = predict(self.scored, self.val_x)
         if not math.isfinite(loss) or not np.all(np.isfinite(probs)):
             self.nan_epoch = epoch + 1
             self.model.stop_training = True
@@ -290,18 +396,17 @@ class Evaluator(keras.callbacks.Callback):
         value = macro_f1(self.val_y, probs)
         logs["val_macro_f1"] = value
         lr = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
-        row = {"epoch": epoch + 1, "loss": loss, "val_macro_f1": value, "learning_rate": lr}
+        self.rows.append(
+            {"epoch": epoch + 1, "loss": loss, "val_macro_f1": value, "learning_rate": lr}
+        )
         if value > self.best_value:
             self.best_value, self.best_epoch = value, epoch + 1
-            self.best_weights = self.model.get_weights()
-            self.best_metrics = compute_metrics(self.val_y, probs)
-            row["val_loss"] = self.best_metrics["loss"]
-            row["val_accuracy"] = self.best_metrics["accuracy"]
-        self.rows.append(row)
+            self.best_weights = self.scored.get_weights()
+            self.best_probs = probs
         seconds = time.monotonic() - self._epoch_start
         self.env.log(
             f"trial {self.trial.number} epoch {epoch + 1}/{self.epochs} loss {loss:.3f} "
-            f"val_macro_f1 {value:.3f} (best {self.best_value:.3f}) {seconds:.1f}s/epoch "
+            f"val_macro_f1 {value:.3f} (best {self.best_value:.3f}) {seconds:.2f}s/epoch "
             f"ETA {seconds * (self.epochs - epoch - 1):.0f}s"
         )
         self.trial.report(value, epoch + 1)
@@ -313,8 +418,11 @@ class Evaluator(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
-def learning_curves(history: pd.DataFrame, trial_number: int) -> go.Figure:
-    """Train loss and validation macro-F1 per epoch, shown on the study page of the dashboard."""
+def learning_curves(history: pd.DataFrame, trial_number: int, best: bool = False) -> go.Figure:
+    """Train loss and validation macro-F1 per epoch. The study page of the dashboard shows the
+    best trial's (one figure, replaced when a better trial completes, so the study does not grow
+    with every trial); every trial's curve is its history.csv artifact and its intermediate
+    values."""
     fig = go.Figure()
     if not history.empty:
         fig.add_scatter(x=history["epoch"], y=history["loss"], name="train loss")
@@ -322,7 +430,7 @@ def learning_curves(history: pd.DataFrame, trial_number: int) -> go.Figure:
             x=history["epoch"], y=history["val_macro_f1"], name="val macro-F1", yaxis="y2"
         )
     fig.update_layout(
-        title=f"Trial {trial_number}: learning curves",
+        title=f"{'Best trial so far, ' if best else ''}trial {trial_number}: learning curves",
         xaxis_title="epoch",
         yaxis={"title": "train loss"},
         yaxis2={"title": "val macro-F1", "overlaying": "y", "side": "right", "range": [0, 1]},

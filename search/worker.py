@@ -178,10 +178,8 @@ def _run(
 
     def run_one(trial: optuna.Trial) -> float:
         in_progress["trial_id"] = trial._trial_id
-        trial.set_user_attr("worker", worker_id)
-        trial.set_user_attr("gpu", claim.gpu)
         try:
-            return objective(trial, env)
+            return objective(trial, env, {"worker": worker_id, "gpu": claim.gpu})
         except TrialInterrupted as exc:
             requeue(study, study._storage.get_trial(trial._trial_id), retry)
             trial.set_user_attr("fail_reason", str(exc))
