@@ -41,8 +41,7 @@ from optuna.artifacts._protocol import ArtifactStore
 from sqlalchemy.engine import make_url
 
 from search.settings import Settings
-from search.study import create_or_load, open_storage, set_user_attrs
-from search.trial import is_new_best
+from search.study import create_or_load, is_new_best, open_storage, set_user_attrs
 
 EPOCHS = 8
 WARM_UP = 30  # trials in the study before timing: TPE past its random start-up, tables warm

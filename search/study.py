@@ -5,6 +5,7 @@ artifact store (a folder, or S3-compatible storage) and the gRPC storage proxy f
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import platform
 import random
 import sqlite3
@@ -26,6 +27,8 @@ from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import GrpcStorageProxy, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
 from search.errors import ConfigError, StorageError
@@ -37,6 +40,7 @@ T = TypeVar("T")
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 PRUNERS = ("median", "hyperband", "sha", "percentile", "none")
 TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
+UPSERTS = {"postgresql": pg_dialect.insert, "sqlite": sqlite_dialect.insert}
 SCHEMA_LOCK = 0x5EA4C4  # pg_advisory_lock key: one process at a time creates the tables
 
 
@@ -125,13 +129,30 @@ class ResilientRDBStorage(RDBStorage):
             )
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
-        """Several user attributes in one transaction, each written by Optuna's own upsert:
-        RDBStorage offers one attribute per transaction, a commit (and an fsync) each."""
+        """Several user attributes in one statement and one transaction: RDBStorage writes one
+        attribute per transaction (a look-up, an upsert and a commit, with its fsync, each).
+        The same checks and upsert as Optuna's, for PostgreSQL and SQLite; one by one, in one
+        transaction, on other databases."""
+        model = rdb_models.TrialUserAttributeModel
         with _create_scoped_session(self.scoped_session, True) as session:
-            for key, value in attrs.items():
-                self._set_trial_attr_without_commit(
-                    session, rdb_models.TrialUserAttributeModel, trial_id, key, value
+            trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self.check_trial_is_updatable(trial_id, trial.state)
+            insert = UPSERTS.get(self.engine.name)
+            if insert is None:
+                for key, value in attrs.items():
+                    self._set_trial_attr_without_commit(session, model, trial_id, key, value)
+                return
+            rows = [
+                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                for k, v in attrs.items()
+            ]
+            statement = insert(model).values(rows)
+            session.execute(
+                statement.on_conflict_do_update(
+                    index_elements=[model.trial_id, model.key],
+                    set_={"value_json": statement.excluded.value_json},
                 )
+            )
 
 
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
@@ -283,6 +304,14 @@ def make_pruner(name: str, max_epochs: int) -> optuna.pruners.BasePruner:
     if name == "none":
         return optuna.pruners.NopPruner()
     raise ConfigError(f"unknown pruner {name!r}: choose one of {', '.join(PRUNERS)}")
+
+
+def is_new_best(trial: optuna.Trial, value: float) -> bool:
+    """Whether `value` beats every complete trial so far (one indexed query on RDB storage)."""
+    try:
+        return value > trial.study.best_value
+    except ValueError:  # no complete trial yet
+        return True
 
 
 class FromStep(optuna.pruners.BasePruner):

@@ -37,7 +37,7 @@ from search.dataset import PreparedData
 from search.metrics import compute_metrics, macro_f1
 from search.settings import Settings
 from search.space import Dimension, sample
-from search.study import set_user_attrs
+from search.study import is_new_best, set_user_attrs
 
 CHECKPOINT_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
@@ -217,12 +217,6 @@ def fit_on_table(
         callbacks=callbacks,
         verbose=0,
     )
-
-
-def is_new_best(trial: optuna.Trial, value: float) -> bool:
-    """Whether `value` beats every complete trial so far (read from the storage's cache)."""
-    done = trial.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    return all(t.value is None or value > t.value for t in done)
 
 
 class FeatureTable(keras.layers.Layer):

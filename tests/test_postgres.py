@@ -211,3 +211,29 @@ def test_study_storage_works_on_postgres(pg_url: str) -> None:
     study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
     again = optuna.load_study(study_name="plain", storage=open_storage(settings, heartbeat=False))
     assert [t.state for t in again.get_trials()] == [TrialState.COMPLETE] * 3
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_user_attrs_written_together_upsert_and_refuse_a_finished_trial(
+    backend: str, tmp_path: Path
+) -> None:
+    """One transaction for several attributes: later values replace earlier ones, the trial
+    shows them at once, and a finished trial refuses them as Optuna's own writes do."""
+    from optuna.exceptions import UpdateFinishedTrialError
+
+    from search.study import set_user_attrs
+
+    with fresh_database() as url:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'attrs.sqlite3'}"
+        settings = Settings(storage=url, study="attrs")
+        study = create_or_load(open_storage(settings, heartbeat=False), settings)
+        trial = study.ask()
+        set_user_attrs(trial, {"seed": 1, "worker": "a", "nested": {"x": [1, None]}})
+        set_user_attrs(trial, {"seed": 2, "epochs_run": 3})
+        assert trial.user_attrs == {"seed": 2, "worker": "a", "nested": {"x": [1, None]},
+                                    "epochs_run": 3}  # fmt: skip
+        study.tell(trial, 0.5)
+        assert study.trials[0].user_attrs == trial.user_attrs
+        with pytest.raises(UpdateFinishedTrialError):
+            set_user_attrs(trial, {"late": True})
