@@ -37,7 +37,14 @@ from search.progress import Progress
 from search.registry import assemble, best_trial
 from search.settings import Settings
 from search.study import load, open_artifact_store, open_storage
-from search.trial import CHECKPOINT_NAME, HISTORY_NAME, Batches, learning_curves, make_optimizer
+from search.trial import (
+    CHECKPOINT_NAME,
+    HISTORY_NAME,
+    Batches,
+    learning_curves,
+    make_loss,
+    make_optimizer,
+)
 
 STAGE = "finetune"
 EVAL_BATCH = 64
@@ -241,7 +248,7 @@ def _train(
     trainer = keras.Model(inputs, model(flipped), name="finetune_trainer")  # saves `model` only
     trainer.compile(
         optimizer=make_optimizer({**params, "learning_rate": learning_rate}),
-        loss=keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"]),
+        loss=make_loss(params),
     )
     batches = Batches(images[None], labels, data, params["batch_size"], seed)
 
