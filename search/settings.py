@@ -6,6 +6,7 @@ No other module reads the environment; the CLI builds a Settings and passes it d
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -62,6 +63,24 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+# The PostgreSQL URL forms guides use, and the one SQLAlchemy loads the installed driver with.
+POSTGRES_SCHEMES = ("postgres", "postgresql", "postgresql+psycopg2")
+POSTGRES_DRIVER = "postgresql+psycopg"  # psycopg 3, what the project installs
+
+
+def storage_url(url: str) -> str:
+    """The URL SQLAlchemy should open: `postgres://` (Heroku and others) is not a scheme
+    SQLAlchemy knows, and `postgresql+psycopg2://`, the form most guides write, names a driver
+    the project does not install. Both, and plain `postgresql://`, go to psycopg 3 unless
+    psycopg2 is installed; every other URL is left as it is."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in POSTGRES_SCHEMES:
+        return url
+    if importlib.util.find_spec("psycopg2") is not None:
+        return url if scheme.lower() != "postgres" else f"postgresql://{rest}"
+    return f"{POSTGRES_DRIVER}://{rest}"
 
 
 def _convert(type_name: Any, raw: Any) -> Any:

@@ -19,7 +19,7 @@ from optuna.storages._rdb import models
 from optuna.trial import TrialState
 
 from search.settings import Settings
-from search.study import load, open_storage, redact, with_retries
+from search.study import OBJECTIVE_NAME, load, open_storage, redact, with_retries
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -30,9 +30,11 @@ def collect(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
     study = load(storage, settings)
     with_retries(lambda: fail_stale_trials(study), "failing stale trials")
     trials = with_retries(lambda: study.get_trials(deepcopy=False), "reading trials")
+    names = with_retries(lambda: study.metric_names, "reading the objective's name")
     now = now or datetime.now()
     report: dict[str, Any] = {
         "study": settings.study,
+        "objective": names[0] if names else OBJECTIVE_NAME,  # named by the next worker
         "storage": redact(settings.storage),
         "at": now.isoformat(timespec="seconds"),
         "trials": len(trials),
@@ -117,7 +119,10 @@ def render(report: dict[str, Any]) -> str:
         lines.append("best        no complete trial yet")
     else:
         params = ", ".join(f"{k}={_short(v)}" for k, v in best["params"].items())
-        lines.append(f"best        trial {best['trial']}: {best['value']:.4f} ({params})")
+        lines.append(
+            f"best        trial {best['trial']}: {best['value']:.4f} {report['objective']} "
+            f"({params})"
+        )
     rate = report["throughput"]
     overall = "-" if rate["overall"] is None else f"{rate['overall']:.1f}"
     lines.append(

@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import platform
 import random
+import re
 import sqlite3
 import sys
 import time
@@ -32,7 +33,7 @@ from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
 
 from search.errors import ConfigError, StorageError
-from search.settings import Settings
+from search.settings import Settings, storage_url
 
 T = TypeVar("T")
 # Heartbeats, the retry callback and grouped TPE are marked experimental; we rely on them on
@@ -45,11 +46,12 @@ SCHEMA_LOCK = 0x5EA4C4  # pg_advisory_lock key: one process at a time creates th
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL without its password, for messages and logs; also one SQLAlchemy cannot parse
+    (a mistyped port), since that is exactly when the URL ends up in an error message."""
     try:
         return make_url(url).render_as_string(hide_password=True)
     except Exception:
-        return url
+        return re.sub(r"(://[^/@]*?:)[^/]*@", r"\1***@", url)
 
 
 def sqlite_path(url: str) -> Path | None:
@@ -170,14 +172,15 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
 def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage | GrpcStorageProxy:
     """Open (and create if needed) the RDB storage named by settings.storage, or connect to a
     storage proxy for grpc://host:port."""
-    url = settings.storage
-    if url.startswith("grpc://"):
-        return _connect_proxy(url)
+    shown = settings.storage  # messages show the URL as the user wrote it, less its password
+    if shown.startswith("grpc://"):
+        return _connect_proxy(shown)
+    url = storage_url(shown)
     try:
         make_url(url)
     except Exception:
         raise StorageError(
-            f"bad storage URL {url!r}: use sqlite:///path.sqlite3 or "
+            f"bad storage URL {redact(shown)!r}: use sqlite:///path.sqlite3 or "
             "postgresql://user:password@host:5432/db"
         ) from None
     hb: dict[str, Any] = {}
@@ -209,7 +212,7 @@ def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage | 
 
     try:
         if db_path is None:
-            return with_retries(create, f"connecting to {redact(url)}", attempts=4)
+            return with_retries(create, f"connecting to {redact(shown)}", attempts=4)
         db_path.parent.mkdir(parents=True, exist_ok=True)
         # One process at a time creates the tables; WAL lets readers and one writer overlap.
         with FileLock(str(db_path) + ".lock", timeout=120):
@@ -218,16 +221,19 @@ def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage | 
             return create()
     except StorageError as exc:
         raise StorageError(
-            f"cannot reach storage {redact(url)}: {exc}; check the URL and that the database "
+            f"cannot reach storage {redact(shown)}: {exc}; check the URL and that the database "
             "server is running"
         ) from None
     except (sqlalchemy.exc.SQLAlchemyError, sqlite3.Error, OSError) as exc:
         raise StorageError(
-            f"cannot open storage {redact(url)}: {_reason(exc)}; check the URL, the path and "
+            f"cannot open storage {redact(shown)}: {_reason(exc)}; check the URL, the path and "
             "that the database server is running"
         ) from None
     except ImportError as exc:
-        raise StorageError(f"no database driver for {redact(url)}: {exc}") from None
+        raise StorageError(
+            f"no database driver for {redact(shown)} ({exc}): the installed drivers open "
+            "sqlite:///path.sqlite3 and postgresql://user:password@host:5432/db"
+        ) from None
 
 
 def _connect_proxy(url: str) -> GrpcStorageProxy:
@@ -351,8 +357,13 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+OBJECTIVE_NAME = "validation macro-F1"  # what the dashboard and reports call the objective
+
+
 def create_or_load(storage: RDBStorage, settings: Settings) -> optuna.Study:
-    """The study the first worker creates and every later worker loads."""
+    """The study the first worker creates and every later worker loads. Its objective is named
+    (optuna-dashboard would say "Objective 0"), also on a study created before it was: one
+    read per worker start, and a write only where the name is missing."""
 
     def create() -> optuna.Study:
         return optuna.create_study(
@@ -364,7 +375,11 @@ def create_or_load(storage: RDBStorage, settings: Settings) -> optuna.Study:
             load_if_exists=True,
         )
 
-    return with_retries(create, f"creating study {settings.study!r}")
+    study = with_retries(create, f"creating study {settings.study!r}")
+    if with_retries(lambda: study.metric_names, "reading the objective's name") is None:
+        # Two workers may both write it: the same value, and Optuna ignores the second insert.
+        with_retries(lambda: study.set_metric_names([OBJECTIVE_NAME]), "naming the objective")
+    return study
 
 
 def load(storage: RDBStorage, settings: Settings) -> optuna.Study:

@@ -51,6 +51,15 @@ def test_unreachable_storage(env: dict[str, str], capsys) -> None:
     assert "secret" not in line  # never print the password
 
 
+def test_driver_that_is_not_installed_names_the_forms_that_work(
+    env: dict[str, str], capsys
+) -> None:
+    url = "postgresql+asyncpg://nobody:secret@127.0.0.1:1/nowhere"
+    code = main(["worker", "--n-trials", "1", "--storage", url])
+    line = one_line_error(capsys, code, "no database driver", "asyncpg", "postgresql://")
+    assert "secret" not in line
+
+
 def test_study_not_found(env: dict[str, str], capsys) -> None:
     settings = Settings.load()
     create_or_load(open_storage(settings, heartbeat=False), settings)  # an existing other study

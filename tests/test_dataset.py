@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from big_images import BIG, claimed_size_jpeg, flat_jpeg
 from data_helpers import (
     RED,
     BadZip,
@@ -34,6 +35,7 @@ from search.dataset import (
 )
 from search.errors import ConfigError, DataError
 from search.synth import generate
+from tests.conftest import run_cli
 
 SIZE = 24
 FRACTIONS = (0.72, 0.18, 0.10)
@@ -241,6 +243,52 @@ def test_families_too_small_to_split_are_excluded(tmp_path: Path) -> None:
         "family has 2 usable images; needs at least 3 (one per split)"
     ] * 2
     assert fam not in load_prepared(report.out).classes
+
+
+def test_largest_real_photo_is_kept_and_a_hostile_size_is_reported(tmp_path: Path) -> None:
+    """`search prepare` (two decoding processes) keeps an 8,688 px photo without a
+    decompression-bomb warning, and refuses a JPEG whose header claims 50,000 x 50,000 px
+    with one report.csv row, every other row kept."""
+    base = generate(tmp_path / "base", n_families=3, total_images=30, image_px=32, seed=5)
+    rows = read_csv(base / "metadata.csv")
+    folder = rows[0]["file_path"].split("/")[0]
+    big, hostile = (
+        f"{folder}/big_1_eol-full-size-copy.jpg",
+        f"{folder}/huge_1_eol-full-size-copy.jpg",
+    )
+    extra = [{**rows[0], "file_path": big}, {**rows[1], "file_path": hostile}]
+    meta = io.StringIO()
+    writer = csv.DictWriter(meta, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows + extra)
+    zpath = tmp_path / "rare_species.zip"
+    with zipfile.ZipFile(zpath, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("rare_species/metadata.csv", meta.getvalue())
+        for r in rows:
+            zf.write(base / r["file_path"], f"rare_species/{r['file_path']}")
+        # Stored, as photo zips usually are: deflate shrinks a flat-colour JPEG 600:1, which the
+        # zip-bomb guard (100:1) would rightly refuse; real photos barely compress.
+        zf.writestr(f"rare_species/{big}", flat_jpeg(BIG), zipfile.ZIP_STORED)
+        zf.writestr(f"rare_species/{hostile}", claimed_size_jpeg(50_000, 50_000))
+    out = tmp_path / "prepared"
+
+    run = run_cli(["prepare", str(zpath), "--out", str(out), "--image-size", str(SIZE),
+                   "--workers", "2"], dict(os.environ), tmp_path)  # fmt: skip
+
+    assert run.returncode == 0, run.stderr
+    assert "DecompressionBomb" not in run.stdout + run.stderr
+    assert read_csv(out / "report.csv") == [
+        {
+            "row": str(len(rows) + 2),
+            "file_path": hostile,
+            "problem": "image too large (2,500 megapixels, decompression-bomb guard)",
+        }
+    ]
+    by_path, images = _prepared_by_path(out)
+    assert set(by_path) == {r["file_path"] for r in rows} | {big}
+    np.testing.assert_allclose(
+        images[int(by_path[big]["index"])].mean((0, 1)), (90, 140, 60), atol=3
+    )
 
 
 # --- sources and output ------------------------------------------------------------------

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import io
+import json
+import subprocess
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+from big_images import BIG, claimed_size_jpeg, flat_jpeg
 from data_helpers import encode, exif_rotated_jpeg, is_red_left_blue_right, red_left_blue_right
 from PIL import Image
 
@@ -102,3 +107,47 @@ def test_not_an_image_fails(payload: bytes) -> None:
 def test_missing_file_fails(tmp_path: Path) -> None:
     with pytest.raises(ImageDecodeError, match="missing file"):
         decode_image(tmp_path / "nope.jpg", 32)
+
+
+def test_hostile_size_in_the_header_is_refused_at_open() -> None:
+    with pytest.raises(ImageDecodeError) as info:
+        decode_image(io.BytesIO(claimed_size_jpeg(50_000, 50_000)), 32)
+    assert info.value.reason == "image too large (2,500 megapixels, decompression-bomb guard)"
+
+
+def test_largest_real_photo_sizes_pass_without_a_bomb_warning() -> None:
+    """8,688 px on the long side, even square (75 MP), is under Pillow's 89 MP warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(claimed_size_jpeg(8688, 8688))) as img:
+            assert img.size == (8688, 8688)
+
+
+# Decodes in a fresh process; prints the result's shape and mean colour and how much the
+# process's peak resident memory grew, in MB.
+_PEAK_GROWTH = """
+import io, json, resource, sys, warnings
+from pathlib import Path
+warnings.simplefilter("error", Warning)
+from search.images import decode_image
+data = Path(sys.argv[1]).read_bytes()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+out = decode_image(io.BytesIO(data), 224)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+print(json.dumps([out.shape, out.reshape(-1, 3).mean(0).tolist(), (after - before) / 1024]))
+"""
+
+
+def test_8688_px_jpeg_is_decoded_at_reduced_scale(tmp_path: Path) -> None:
+    """A full 8,688 x 5,792 RGB frame is 200 MB in Pillow (4 bytes a pixel); the draft decode
+    at 1/8 scale needs about 10 MB. Peak RSS of a fresh process, which only grows."""
+    path = tmp_path / "big.jpg"
+    path.write_bytes(flat_jpeg(BIG))
+    run = subprocess.run(
+        [sys.executable, "-c", _PEAK_GROWTH, str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and not run.stderr, run.stderr  # no warning either
+    shape, colour, grew_mb = json.loads(run.stdout)
+    assert shape == [224, 224, 3]
+    np.testing.assert_allclose(colour, [90, 140, 60], atol=3)
+    assert grew_mb < 60, f"decoding grew the peak RSS by {grew_mb:.0f} MB: no reduced-scale decode?"

@@ -237,3 +237,37 @@ def test_user_attrs_written_together_upsert_and_refuse_a_finished_trial(
         assert study.trials[0].user_attrs == trial.user_attrs
         with pytest.raises(UpdateFinishedTrialError):
             set_user_attrs(trial, {"late": True})
+
+
+@pytest.mark.parametrize("scheme", ["postgresql+psycopg2", "postgres"])
+def test_url_forms_from_guides_open_the_installed_driver_and_hide_the_password(
+    scheme: str, pg_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`postgresql+psycopg2://` (most guides) and `postgres://` (Heroku and others) name a
+    driver or a scheme SQLAlchemy cannot load here; they open psycopg 3 instead. The server
+    trusts local connections, so the password is only there to be hidden."""
+    url = make_url(pg_url).set(drivername=scheme, password="s3cret-pw")
+    url_text = url.render_as_string(hide_password=False)
+    assert url_text.startswith(f"{scheme}://") and "s3cret-pw" in url_text
+    settings = Settings(storage=url_text, study="guide")
+    study = create_or_load(open_storage(settings, heartbeat=False), settings)
+    study.tell(study.ask(), 0.5)
+
+    assert main(["status", "--json", "--storage", url_text, "--study", "guide"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["states"]["COMPLETE"] == 1
+    assert printed["storage"].startswith(f"{scheme}://postgres:***@")
+    assert main(["status", "--storage", url_text, "--study", "missing"]) != 0
+    out, err = capsys.readouterr()
+    assert "study 'missing' not found" in err and "guide" in err
+    assert "s3cret-pw" not in out + err
+
+
+def test_unparsable_url_keeps_its_password_out_of_the_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = "postgresql+psycopg2://postgres:s3cret-pw@127.0.0.1:no-port/postgres"
+    assert main(["status", "--storage", url]) != 0
+    err = capsys.readouterr().err
+    assert err.startswith("error: bad storage URL") and err.count("\n") == 1
+    assert "s3cret-pw" not in err and "postgres:***@" in err
