@@ -41,7 +41,13 @@ from optuna.artifacts._protocol import ArtifactStore
 from sqlalchemy.engine import make_url
 
 from search.settings import Settings
-from search.study import create_or_load, is_new_best, open_storage, set_user_attrs
+from search.study import (
+    create_or_load,
+    is_new_best,
+    open_storage,
+    params_together,
+    set_user_attrs,
+)
 
 EPOCHS = 8
 WARM_UP = 30  # trials in the study before timing: TPE past its random start-up, tables warm
@@ -51,17 +57,18 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 def objective(trial: optuna.Trial, trial_s: float, store: ArtifactStore) -> float:
     """The storage traffic of one real trial (search/space.py + search/trial.py), no training."""
     set_user_attrs(trial, {"worker": "bench", "gpu": None, "seed": trial.number})
-    trial.suggest_categorical("backbone", ["efficientnet_lite0", "mobilenet_v2_tv"])
-    n_layers = trial.suggest_int("n_layers", 1, 3)
-    for i in range(n_layers):
-        trial.suggest_int(f"units_{i}", 64, 1024, log=True)
-        trial.suggest_float(f"dropout_{i}", 0.0, 0.6)
-    trial.suggest_categorical("batch_norm", [True, False])
-    lr = trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
-    trial.suggest_categorical("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
-    trial.suggest_categorical("batch_size", [16, 32, 64, 128])
-    trial.suggest_float("label_smoothing", 0.0, 0.2)
-    trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
+    with params_together(trial):
+        trial.suggest_categorical("backbone", ["efficientnet_lite0", "mobilenet_v2_tv"])
+        n_layers = trial.suggest_int("n_layers", 1, 3)
+        for i in range(n_layers):
+            trial.suggest_int(f"units_{i}", 64, 1024, log=True)
+            trial.suggest_float(f"dropout_{i}", 0.0, 0.6)
+        trial.suggest_categorical("batch_norm", [True, False])
+        lr = trial.suggest_float("learning_rate", 1e-4, 3e-2, log=True)
+        trial.suggest_categorical("optimizer", ["adam", "adamw", "sgd", "rmsprop"])
+        trial.suggest_categorical("batch_size", [16, 32, 64, 128])
+        trial.suggest_float("label_smoothing", 0.0, 0.2)
+        trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
     for epoch in range(1, EPOCHS + 1):
         time.sleep(trial_s / EPOCHS)
         trial.report(0.1 * epoch, epoch)  # the same curve for all: the pruner asks, never prunes

@@ -4,6 +4,7 @@ artifact store (a folder, or S3-compatible storage) and the gRPC storage proxy f
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import json
 import platform
@@ -13,7 +14,7 @@ import sqlite3
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
@@ -21,6 +22,7 @@ from urllib.parse import urlsplit
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+import sqlalchemy.orm
 import sqlalchemy.pool
 from filelock import FileLock
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
@@ -28,6 +30,7 @@ from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import GrpcStorageProxy, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
+from optuna.trial import TrialState
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
@@ -42,6 +45,8 @@ warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning
 PRUNERS = ("median", "hyperband", "sha", "percentile", "none")
 TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 UPSERTS = {"postgresql": pg_dialect.insert, "sqlite": sqlite_dialect.insert}
+# A suggested parameter waiting to be written: name, internal value, distribution, previous one.
+_Param = tuple[str, float, optuna.distributions.BaseDistribution, Any]
 SCHEMA_LOCK = 0x5EA4C4  # pg_advisory_lock key: one process at a time creates the tables
 
 
@@ -130,6 +135,97 @@ class ResilientRDBStorage(RDBStorage):
                 flush=True,
             )
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._pending_params: dict[int, list[_Param]] = {}
+
+    @contextlib.contextmanager
+    def params_together(self, trial_id: int) -> Iterator[None]:
+        """Within the block, the trial's suggested parameters are kept and then written in one
+        transaction (one trial look-up and check, one commit) instead of one transaction per
+        suggest. Nothing reads a trial's own parameters from the storage in between: the trial
+        keeps them in memory, and other workers' samplers see them a few milliseconds later."""
+        self._pending_params[trial_id] = []
+        try:
+            yield
+        finally:
+            rows = self._pending_params.pop(trial_id)
+            if rows:
+                with _create_scoped_session(self.scoped_session, True) as session:
+                    self._add_params(session, trial_id, rows)
+
+    def _set_trial_param(
+        self,
+        trial_id: int,
+        param_name: str,
+        param_value_internal: float,
+        distribution: optuna.distributions.BaseDistribution,
+        previous_distribution: optuna.distributions.BaseDistribution | None,
+    ) -> None:
+        pending = self._pending_params.get(trial_id)
+        if pending is None:
+            super()._set_trial_param(
+                trial_id, param_name, param_value_internal, distribution, previous_distribution
+            )
+            return
+        pending.append((param_name, param_value_internal, distribution, previous_distribution))
+
+    def _add_params(
+        self, session: sqlalchemy.orm.Session, trial_id: int, rows: list[_Param]
+    ) -> None:
+        """Optuna's checks (`_set_trial_param_without_commit`) for several parameters."""
+        trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+        self.check_trial_is_updatable(trial_id, trial.state)
+        for name, value, distribution, previous in rows:
+            if previous is None:
+                record = (
+                    session.query(rdb_models.TrialParamModel)
+                    .join(rdb_models.TrialModel)
+                    .filter(rdb_models.TrialModel.study_id == trial.study_id)
+                    .filter(rdb_models.TrialParamModel.param_name == name)
+                    .first()
+                )
+                if record is not None:
+                    previous = optuna.distributions.json_to_distribution(record.distribution_json)
+            if previous is not None:
+                optuna.distributions.check_distribution_compatibility(previous, distribution)
+            session.add(
+                rdb_models.TrialParamModel(
+                    trial_id=trial_id,
+                    param_name=name,
+                    param_value=value,
+                    distribution_json=optuna.distributions.distribution_to_json(distribution),
+                )
+            )
+
+    def _set_trial_intermediate_value_without_commit(
+        self, session: sqlalchemy.orm.Session, trial_id: int, step: int, intermediate_value: float
+    ) -> None:
+        """One upsert per report instead of a look-up and then an insert or update (Optuna's);
+        the same check that the trial is still running first."""
+        insert = UPSERTS.get(self.engine.name)
+        if insert is None:
+            super()._set_trial_intermediate_value_without_commit(
+                session, trial_id, step, intermediate_value
+            )
+            return
+        trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+        self.check_trial_is_updatable(trial_id, trial.state)
+        model = rdb_models.TrialIntermediateValueModel
+        value, kind = model.intermediate_value_to_stored_repr(intermediate_value)
+        statement = insert(model).values(
+            trial_id=trial_id, step=step, intermediate_value=value, intermediate_value_type=kind
+        )
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[model.trial_id, model.step],
+                set_={
+                    "intermediate_value": statement.excluded.intermediate_value,
+                    "intermediate_value_type": statement.excluded.intermediate_value_type,
+                },
+            )
+        )
+
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes in one statement and one transaction: RDBStorage writes one
         attribute per transaction (a look-up, an upsert and a commit, with its fsync, each).
@@ -167,6 +263,18 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         return
     backend.set_trial_user_attrs(trial._trial_id, attrs)
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr does too
+
+
+@contextlib.contextmanager
+def params_together(trial: optuna.Trial) -> Iterator[None]:
+    """Write the parameters a trial suggests within the block in one transaction on our RDB
+    storage (see ResilientRDBStorage.params_together); one by one on any other."""
+    backend = getattr(trial.storage, "_backend", trial.storage)  # behind Optuna's cache
+    if not isinstance(backend, ResilientRDBStorage):
+        yield
+        return
+    with backend.params_together(trial._trial_id):
+        yield
 
 
 def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage | GrpcStorageProxy:
@@ -321,16 +429,42 @@ def is_new_best(trial: optuna.Trial, value: float) -> bool:
 
 
 class FromStep(optuna.pruners.BasePruner):
-    """Asks `pruner` only from step `first` on, where its warm-up ends. Optuna's percentile and
-    median pruners read every trial of the study from the storage before they look at the
-    step, so each epoch of warm-up would cost a study read for a certain "no"."""
+    """Asks `pruner` (Optuna's median or percentile) only from step `first` on, where its warm-up
+    ends, and hands it the study's complete trials read once per trial.
+
+    Both pruners read every complete trial of the study, and the study's direction, from the
+    storage at each step, though before warm-up ends the answer is a certain "no", and a trial
+    that completes elsewhere while this one runs changes a median of hundreds by little. So a
+    trial pays one study read for pruning instead of one per epoch (benchmarks/
+    storage_throughput.py); trials completed during it count from the worker's next trial."""
 
     def __init__(self, pruner: optuna.pruners.BasePruner, first: int) -> None:
         self.pruner, self.first = pruner, first
+        self._view: tuple[int, _CompleteTrials] | None = None
 
     def prune(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> bool:
         step = trial.last_step
-        return step is not None and step >= self.first and self.pruner.prune(study, trial)
+        if step is None or step < self.first:
+            return False
+        if self._view is None or self._view[0] != trial._trial_id:
+            self._view = (trial._trial_id, _CompleteTrials(study))
+        return self.pruner.prune(self._view[1], trial)  # type: ignore[arg-type]
+
+
+class _CompleteTrials:
+    """The two things a percentile pruner asks of a study, read once: its direction and its
+    complete trials (Optuna's own read, `deepcopy=False`: shared, not to be changed)."""
+
+    def __init__(self, study: optuna.Study) -> None:
+        self.direction = study.direction
+        self._complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+    def get_trials(
+        self, deepcopy: bool = True, states: tuple[TrialState, ...] | None = None
+    ) -> list[optuna.trial.FrozenTrial]:
+        if states != (TrialState.COMPLETE,):
+            raise NotImplementedError("this view holds the complete trials only")
+        return list(self._complete)
 
 
 def make_sampler(seed: int | None = None) -> optuna.samplers.BaseSampler:

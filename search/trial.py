@@ -37,7 +37,7 @@ from search.dataset import PreparedData
 from search.metrics import compute_metrics, macro_f1
 from search.settings import Settings
 from search.space import Dimension, sample
-from search.study import is_new_best, set_user_attrs
+from search.study import is_new_best, params_together, set_user_attrs
 
 CHECKPOINT_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
@@ -78,7 +78,8 @@ def objective(trial: optuna.Trial, env: TrialEnv, attrs: dict[str, Any] | None =
     """Validation macro-F1 of the best epoch. `attrs` (the worker's) are stored with the seed."""
     seed = trial_seed(trial, env.settings.seed)
     set_user_attrs(trial, {**(attrs or {}), "seed": seed})
-    params = sample(trial, env.space)
+    with params_together(trial):  # one transaction for all of them
+        params = sample(trial, env.space)
     try:
         return _train(trial, env, params, seed)
     except TrialFailed as exc:

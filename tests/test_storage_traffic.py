@@ -1,0 +1,140 @@
+"""What a trial writes to and reads from the study storage, on PostgreSQL and SQLite: the
+parameters written together, reports as upserts, and the pruner's one study read per trial.
+Each keeps Optuna's checks, so a finished trial and a clashing distribution are still refused."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+from sqlalchemy import event
+
+from search.settings import Settings
+from search.study import create_or_load, make_pruner, open_storage, params_together
+from tests.test_postgres import fresh_database
+
+BACKENDS = ["postgresql", "sqlite"]
+
+
+@contextmanager
+def study_on(backend: str, tmp_path: Path, name: str = "traffic") -> Iterator[optuna.Study]:
+    with fresh_database() as url:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'traffic.sqlite3'}"
+        settings = Settings(storage=url, study=name)
+        yield create_or_load(open_storage(settings, heartbeat=False), settings)
+
+
+def stored(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """The trial as another worker reads it: a fresh storage object, no cache shared."""
+    again = optuna.load_study(study_name=study.study_name, storage=study._storage._backend.url)
+    return again.trials[number]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_written_together_reach_the_storage_at_the_end_of_the_block(
+    backend: str, tmp_path: Path
+) -> None:
+    with study_on(backend, tmp_path) as study:
+        trial = study.ask()
+        with params_together(trial):
+            x = trial.suggest_float("x", 0.0, 1.0)
+            n = trial.suggest_int("n", 1, 4)
+            kind = trial.suggest_categorical("kind", ["a", "b"])
+            assert trial.params == {"x": x, "n": n, "kind": kind}  # the trial sees them at once
+            assert stored(study, 0).params == {}  # the storage not yet
+        assert stored(study, 0).params == {"x": x, "n": n, "kind": kind}
+        later = trial.suggest_float("later", 0.0, 1.0)  # outside the block: written at once
+        assert stored(study, 0).params["later"] == later
+        study.tell(trial, 0.5)
+        assert stored(study, 0).state == TrialState.COMPLETE
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_params_together_keep_optunas_checks(backend: str, tmp_path: Path) -> None:
+    """A parameter name reused with another kind of distribution is refused, as one by one."""
+    with study_on(backend, tmp_path) as study:
+        first = study.ask()
+        first.suggest_float("x", 0.0, 1.0)
+        study.tell(first, 0.1)
+        clash = optuna.load_study(study_name=study.study_name, storage=study._storage)
+        second = clash.ask()
+        with pytest.raises(ValueError, match="[Cc]annot set different distribution kind"):
+            with params_together(second):
+                second.suggest_categorical("x", ["a", "b"])
+        done = study.ask()
+        study.tell(done, 0.2)
+        with pytest.raises(UpdateFinishedTrialError):
+            with params_together(done):
+                done.suggest_float("y", 0.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reports_store_every_kind_of_value_and_refuse_a_finished_trial(
+    backend: str, tmp_path: Path
+) -> None:
+    with study_on(backend, tmp_path) as study:
+        trial = study.ask()
+        for step, value in enumerate([0.25, math.inf, -math.inf, math.nan], start=1):
+            trial.report(value, step)
+        study._storage.set_trial_intermediate_value(trial._trial_id, 1, 0.75)  # a step again
+        values = stored(study, 0).intermediate_values
+        assert values[1] == 0.75 and values[2] == math.inf and values[3] == -math.inf
+        assert math.isnan(values[4]) and len(values) == 4
+        study.tell(trial, 0.5)
+        with pytest.raises(UpdateFinishedTrialError):
+            study._storage.set_trial_intermediate_value(trial._trial_id, 5, 0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_median_pruner_reads_the_study_once_per_trial_and_still_prunes(
+    backend: str, tmp_path: Path
+) -> None:
+    """Eight good trials, then a bad one: pruned at the first step past warm-up. A trial that
+    is not pruned asks at every step after warm-up but reads the trials table once."""
+    with study_on(backend, tmp_path) as study:
+        study.pruner = make_pruner("median", max_epochs=10)
+        for _ in range(8):
+            good = study.ask()
+            for step in range(1, 11):
+                good.report(0.5 + step / 100, step)
+            study.tell(good, 0.6)
+
+        engine = study._storage._backend.engine
+        reads: list[str] = []
+
+        def count(conn, cursor, statement, params, context, executemany) -> None:  # noqa: ANN001
+            if statement.lstrip().upper().startswith("SELECT") and "FROM trials" in statement:
+                reads.append(statement)
+
+        event.listen(engine, "before_cursor_execute", count)
+        try:
+            steady = study.ask()
+            asked = 0
+            for step in range(1, 11):
+                steady.report(0.5 + step / 100, step)  # the median itself: never below it
+                if step == 1:
+                    reads.clear()
+                before = len(reads)
+                assert not steady.should_prune()
+                asked += 1
+                if step < 5:
+                    assert len(reads) == before  # warm-up: no study read at all
+        finally:
+            event.remove(engine, "before_cursor_execute", count)
+        study_reads = [s for s in reads if "trials.study_id" in s and "trial_id =" not in s]
+        assert asked == 10 and len(study_reads) == 1, study_reads
+        study.tell(steady, 0.6)
+
+        bad = study.ask()
+        for step in range(1, 11):
+            bad.report(0.1, step)
+            if bad.should_prune():
+                break
+        assert step == 5  # the first step past the median's 5 warm-up steps
