@@ -17,6 +17,8 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
 
+from search.evaluate import confused_pairs
+
 if TYPE_CHECKING:
     from search.evaluate import HeldOutSplit
 
@@ -24,9 +26,26 @@ PLOTLY_JS = "plotly.min.js"
 INDEX_PAGE = "index.html"
 CONFUSION_PAGE = "confusion_matrix.html"
 GALLERY_PAGE = "errors.html"
-THUMBNAIL_PX = 128
-PER_PAIR_IMAGES = 12
-OTHER_ERROR_IMAGES = 60
+# Caps that keep the pages light at the real size (202 families, ~1,200 test photos, hundreds of
+# errors): the gallery shows at most MAX_GALLERY_IMAGES small thumbnails (~3 kB each).
+THUMBNAIL_PX = 96
+THUMBNAIL_QUALITY = 80
+GALLERY_PAIRS = 30  # sections: the most-confused (true, predicted) pairs
+PER_PAIR_IMAGES = 6
+OTHER_ERROR_IMAGES = 60  # the most confident of the remaining errors
+MAX_GALLERY_IMAGES = 240
+CONFUSION_PAIRS = 30  # rows of the pairs table under the confusion matrix
+CELL_TEXT_MAX = 40  # counts written in the cells up to this many families
+CELL_PX = 12  # cell side beyond that: every family keeps a readable tick label
+CARD_FAMILIES = 10  # worst and best families in the model card; all of them: index.html, CSV
+# plotly's "Blues", stretched so a single error (share >= ~3%) is visibly blue, not white.
+SHARE_COLORS = [
+    [0.0, "rgb(247,251,255)"],
+    [0.02, "rgb(198,219,239)"],
+    [0.15, "rgb(107,174,214)"],
+    [0.5, "rgb(33,113,181)"],
+    [1.0, "rgb(8,48,107)"],
+]
 HEADLINE = (
     ("accuracy", "accuracy"),
     ("top5_accuracy", "top-5 accuracy"),
@@ -35,9 +54,29 @@ HEADLINE = (
     ("auc", "one-vs-rest AUC"),
     ("loss", "log loss"),
 )
+# Click a heading of a table.sortable to sort its rows by that column (again: reversed).
+SORT_TABLES_JS = """
+document.querySelectorAll("table.sortable th").forEach((th, col) => {
+  th.addEventListener("click", () => {
+    const body = th.closest("table").tBodies[0];
+    const rows = Array.from(body.rows);
+    const numeric = rows.every((r) => r.cells[col].classList.contains("n"));
+    const key = (r) => {
+      const text = r.cells[col].textContent;
+      const value = parseFloat(text);
+      return numeric ? (Number.isNaN(value) ? -Infinity : value) : text;
+    };
+    const sign = th.dataset.order === "up" ? -1 : 1;
+    th.dataset.order = sign === 1 ? "up" : "down";
+    rows.sort((a, b) => (key(a) < key(b) ? -sign : key(a) > key(b) ? sign : 0));
+    rows.forEach((r) => body.appendChild(r));
+  });
+});
+"""
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 1.5rem; color: #222; }
 table { border-collapse: collapse; margin: 0.5rem 0 1.5rem; }
+table.sortable th { cursor: pointer; }
 th, td { border: 1px solid #ccc; padding: 0.2rem 0.6rem; text-align: left; }
 td.n { text-align: right; font-variant-numeric: tabular-nums; }
 .worse { color: #b00020; } .better { color: #006b2d; }
@@ -98,10 +137,11 @@ def _figure(fig: go.Figure, div_id: str) -> str:
     )
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _table(header: list[str], rows: list[list[Any]], css: str = "") -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>\n" for row in rows)
-    return f"<table>\n<tr>{head}</tr>\n{body}</table>"
+    attr = f' class="{css}"' if css else ""
+    return f"<table{attr}>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}</tbody></table>"
 
 
 def _cell(value: Any) -> str:
@@ -139,54 +179,19 @@ def index_page(evaluation: dict[str, Any], title: str) -> str:
             row += [old.get(key), _delta(delta.get(key), lower_is_better=key == "loss")]
         rows.append(row)
     families = sorted(evaluation["per_family"], key=lambda r: (r["f1"], r["family"]))
-    fig = go.Figure()
-    names = [r["family"] for r in families]
-    for key in ("precision", "recall", "f1"):
-        fig.add_bar(x=names, y=[r[key] for r in families], name=key)
-    fig.update_layout(
-        title="Per-family precision, recall and F1 on the test split (worst F1 first)",
-        barmode="group",
-        yaxis={"range": [0, 1]},
-        height=460,
-        margin={"b": 140},
-    )
     parts = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p>Test split: {evaluation['n_images']} images, {evaluation['n_families']} families "
         f"(data {html.escape(evaluation['data_hash'][:12])}). "
         f'<a href="{CONFUSION_PAGE}">Confusion matrix</a> · '
         f'<a href="{GALLERY_PAGE}">Error gallery</a> · '
+        '<a href="#all-families">all families</a> · '
         '<a href="../per_family.csv">per_family.csv</a> · '
         '<a href="../evaluation.json">evaluation.json</a></p>',
         "<h2>Metrics</h2>",
         _table(header, rows),
         "<h2>Per family</h2>",
-        _figure(fig, "per-family"),
-        _table(
-            [
-                "family",
-                "phylum",
-                "precision",
-                "recall",
-                "F1",
-                "test images",
-                "train images",
-                "size bucket",
-            ],  # fmt: skip
-            [
-                [
-                    r["family"],
-                    r["phylum"],
-                    r["precision"],
-                    r["recall"],
-                    r["f1"],
-                    r["support"],
-                    r["train_images"],
-                    r["size_bucket"],
-                ]  # fmt: skip
-                for r in families
-            ],
-        ),
+        _figure(_per_family_figure(families), "per-family"),
     ]
     if previous.get("per_family_f1_delta"):
         parts += [
@@ -214,102 +219,295 @@ def index_page(evaluation: dict[str, Any], title: str) -> str:
             ],
         ),
         "<h2>Most confused family pairs</h2>",
-        _pairs_table(evaluation["confused_pairs"]),
+        _pairs_table(evaluation["confused_pairs"], evaluation),
+        f'<h2 id="all-families">All {len(families)} families</h2>',
+        "<p>Worst F1 first; click a column heading to sort by it. The same numbers: "
+        '<a href="../per_family.csv">per_family.csv</a>.</p>',
+        _table(
+            [
+                "family",
+                "phylum",
+                "precision",
+                "recall",
+                "F1",
+                "test images",
+                "train images",
+                "size bucket",
+            ],
+            [
+                [
+                    r["family"],
+                    r["phylum"],
+                    r["precision"],
+                    r["recall"],
+                    r["f1"],
+                    r["support"],
+                    r["train_images"],
+                    r["size_bucket"],
+                ]
+                for r in families
+            ],
+            css="sortable",
+        ),
+        f"<script>{SORT_TABLES_JS}</script>",
     ]
     return _page(f"{title}: evaluation", "\n".join(parts), plotly=True)
+
+
+def _per_family_figure(families: list[dict[str, Any]]) -> go.Figure:
+    """F1 of every family, worst first, one colour per phylum; precision, recall and test
+    images on hover (three grouped bars per family are unreadable at 202 families)."""
+    fig = go.Figure()
+    for phylum in sorted({r["phylum"] for r in families}):
+        rows = [r for r in families if r["phylum"] == phylum]
+        fig.add_bar(
+            x=[r["family"] for r in rows],
+            y=[r["f1"] for r in rows],
+            name=phylum,
+            customdata=[[r["precision"], r["recall"], r["support"]] for r in rows],
+            hovertemplate=(
+                "%{x} (" + html.escape(phylum) + ")<br>F1 %{y:.3f}, precision "
+                "%{customdata[0]:.3f}, recall %{customdata[1]:.3f}<br>%{customdata[2]} test "
+                "images<extra></extra>"
+            ),
+        )
+    fig.update_layout(
+        title="Per-family F1 on the test split (worst first; hover for precision and recall)",
+        xaxis={"categoryorder": "array", "categoryarray": [r["family"] for r in families]},
+        yaxis={"range": [0, 1], "title": "F1"},
+        legend={"title": {"text": "phylum"}},
+        bargap=0.1,
+        height=460,
+        margin={"b": 140},
+    )
+    return fig
 
 
 def _largest_changes(rows: list[dict[str, Any]], n: int = 10) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (-abs(r["delta"]), r["family"]))[:n]
 
 
-def _pairs_table(pairs: list[dict[str, Any]]) -> str:
+def _pairs_table(pairs: list[dict[str, Any]], evaluation: dict[str, Any]) -> str:
     if not pairs:
         return "<p>No misclassified test image.</p>"
+    phylum = {r["family"]: r["phylum"] for r in evaluation["per_family"]}
     return _table(
-        ["true family", "predicted as", "images", "share of the true family"],
-        [[p["true"], p["predicted"], p["count"], p["share_of_true"]] for p in pairs],
+        ["true family", "phylum", "predicted as", "phylum", "images", "share of the true family"],
+        [
+            [
+                p["true"],
+                phylum[p["true"]],
+                p["predicted"],
+                phylum[p["predicted"]],
+                p["count"],
+                p["share_of_true"],
+            ]
+            for p in pairs
+        ],
     )
 
 
 def confusion_page(evaluation: dict[str, Any], title: str) -> str:
-    """Row-normalised heatmap (recall on the diagonal); counts in the hover text."""
+    """The heatmap, how to read it, and the most-confused pairs (capped) with their phyla."""
+    n = len(evaluation["confusion_matrix"]["labels"])
+    phyla = sorted({r["phylum"] for r in evaluation["per_family"]})
+    pairs = _top_pairs(evaluation, CONFUSION_PAIRS)
+    body = (
+        f"<h1>{html.escape(title)}: confusion matrix</h1>\n"
+        f'<p><a href="{INDEX_PAGE}">Evaluation</a> · <a href="{GALLERY_PAGE}">Error gallery</a>'
+        "</p>\n"
+        f"<p>Test split: {evaluation['n_images']} images, {n} families in {_phyla(len(phyla))}. "
+        "Rows: true family, columns: predicted family, both grouped by phylum "
+        f"({html.escape(', '.join(phyla))}; lines between the groups). Colour: share of the true "
+        "family's test images (row-normalised: recall on the diagonal); hover for the phyla and "
+        "the number of images. Drag to zoom, double-click to zoom out.</p>\n"
+        + _figure(confusion_figure(evaluation), "confusion-matrix")
+        + f"\n<h2>Most confused family pairs (at most {CONFUSION_PAIRS})</h2>\n"
+        + _pairs_table(pairs, evaluation)
+    )
+    return _page(f"{title}: confusion matrix", body, plotly=True)
+
+
+def _top_pairs(evaluation: dict[str, Any], top: int) -> list[dict[str, Any]]:
+    """The `top` largest off-diagonal cells, same order and fields as evaluation's pairs."""
+    counts = np.asarray(evaluation["confusion_matrix"]["counts"], dtype=np.int64)
+    return confused_pairs(counts, evaluation["confusion_matrix"]["labels"], top=top)
+
+
+def family_order(evaluation: dict[str, Any]) -> list[int]:
+    """Class indices grouped by phylum (alphabetical), families alphabetical within each: the
+    confusion matrix's axis order, so confusions inside a phylum sit in one block."""
+    labels = evaluation["confusion_matrix"]["labels"]
+    phylum = {r["family"]: r["phylum"] for r in evaluation["per_family"]}
+    return sorted(range(len(labels)), key=lambda i: (phylum[labels[i]], labels[i]))
+
+
+def confusion_figure(evaluation: dict[str, Any]) -> go.Figure:
+    """Row-normalised heatmap (recall on the diagonal), families grouped by phylum with lines
+    between the groups; hover: true and predicted family with phyla, images, share of true.
+
+    Sized to stay light at 202 families: one int matrix (counts) and one float32 matrix (shares),
+    no per-cell text beyond CELL_TEXT_MAX families; every family keeps its tick label."""
     labels = evaluation["confusion_matrix"]["labels"]
     counts = np.asarray(evaluation["confusion_matrix"]["counts"], dtype=np.int64)
     phylum = {r["family"]: r["phylum"] for r in evaluation["per_family"]}
-    order = sorted(range(len(labels)), key=lambda i: (phylum[labels[i]], labels[i]))
+    order = family_order(evaluation)
     counts = counts[np.ix_(order, order)]
     names = [labels[i] for i in order]
+    groups = [phylum[name] for name in names]
+    # Hover shows the category ("family (phylum)"), the ticks just the family.
+    categories = [f"{name} ({group})" for name, group in zip(names, groups, strict=True)]
     support = counts.sum(axis=1, keepdims=True)
     share = np.divide(counts, support, out=np.zeros(counts.shape), where=support > 0)
+    n = len(names)
+    small = n <= CELL_TEXT_MAX
+    # Few families: cells big enough for their counts, the matrix about 560 px square.
+    cell = max(28, 560 // n) if small else CELL_PX
     fig = go.Figure(
         go.Heatmap(
-            z=share,
-            x=names,
-            y=names,
-            customdata=counts,
-            colorscale="Blues",
+            z=share.astype(np.float32),
+            x=categories,
+            y=categories,
+            customdata=counts,  # plotly stores it in the smallest integer type that fits
+            colorscale=SHARE_COLORS,
             zmin=0,
             zmax=1,
-            colorbar={"title": {"text": "share of true"}},
+            xgap=0,
+            ygap=0,
+            colorbar={
+                "title": {"text": "share of true"},
+                "tickformat": ".0%",
+                "x": 1.0,
+                "xanchor": "left",
+                "xpad": 130,  # room for the phylum names beside the rows
+                "y": 1.0,
+                "yanchor": "top",
+                "len": min(1.0, 400 / (cell * n)),
+            },
             hovertemplate=(
-                "true %{y}<br>predicted %{x}<br>%{customdata} images (%{z:.0%})<extra></extra>"
+                "true %{y}<br>predicted %{x}<br>%{customdata} images, %{z:.0%} of the true "
+                "family's test images<extra></extra>"
             ),
             # Non-zero counts in the cells while the cells are large enough to read.
-            text=[[str(c) if c else "" for c in row] for row in counts.tolist()],
-            texttemplate="%{text}" if len(names) <= 40 else None,
+            text=[[str(c) if c else "" for c in row] for row in counts.tolist()] if small else None,
+            texttemplate="%{text}" if small else None,
         )
     )
-    side = max(520, 16 * len(names) + 220)
+    margin = {"l": 170, "r": 260, "t": 120, "b": 170}
+    axis = {
+        "tickmode": "array",
+        "tickvals": categories,
+        "ticktext": names,
+        "tickfont": {"size": 11 if small else 9},
+        "showgrid": False,
+    }
     fig.update_layout(
-        title=f"Confusion matrix on the test split ({evaluation['n_images']} images; rows: "
-        "true family, columns: predicted; sorted by phylum)",
-        xaxis={"title": "predicted family", "tickangle": -60},
-        yaxis={"title": "true family", "autorange": "reversed"},
-        height=side,
+        xaxis={**axis, "title": "predicted family", "tickangle": -60, "side": "bottom"},
+        yaxis={**axis, "title": "true family", "autorange": "reversed"},
+        width=max(520, cell * n + margin["l"] + margin["r"]),
+        height=max(520, cell * n + margin["t"] + margin["b"]),
+        margin=margin,
+        shapes=_phylum_lines(groups),
+        annotations=_phylum_labels(groups, cell),
     )
-    body = (
-        f'<h1>{html.escape(title)}</h1><p><a href="{INDEX_PAGE}">Evaluation</a> · '
-        f'<a href="{GALLERY_PAGE}">Error gallery</a></p>\n' + _figure(fig, "confusion-matrix")
-    )
-    return _page(f"{title}: confusion matrix", body, plotly=True)
+    return fig
+
+
+def _phylum_blocks(groups: list[str]) -> list[tuple[str, int, int]]:
+    """(phylum, first index, last index) of each run of one phylum along the axis."""
+    blocks: list[tuple[str, int, int]] = []
+    for i, group in enumerate(groups):
+        if blocks and blocks[-1][0] == group:
+            blocks[-1] = (group, blocks[-1][1], i)
+        else:
+            blocks.append((group, i, i))
+    return blocks
+
+
+def _phylum_lines(groups: list[str]) -> list[dict[str, Any]]:
+    """A line across the matrix at each phylum boundary, both ways."""
+    end = len(groups) - 0.5
+    line = {"color": "rgba(60,60,60,0.8)", "width": 1.5}
+    shapes = []
+    for _, first, _ in _phylum_blocks(groups)[1:]:
+        at = first - 0.5
+        shapes.append({"type": "line", "x0": at, "x1": at, "y0": -0.5, "y1": end, "line": line})
+        shapes.append({"type": "line", "y0": at, "y1": at, "x0": -0.5, "x1": end, "line": line})
+    return shapes
+
+
+def _phylum_labels(groups: list[str], cell: int) -> list[dict[str, Any]]:
+    """Each phylum's name beside its rows (right) and above its columns (top; turned upright
+    where its columns are too narrow for the name)."""
+    notes = []
+    for group, first, last in _phylum_blocks(groups):
+        middle = (first + last) / 2
+        narrow = (last - first + 1) * cell < 8 * len(group) + 12
+        beside = {"x": 1.0, "xref": "paper", "xanchor": "left", "xshift": 6, "y": middle}
+        above = {"y": 1.0, "yref": "paper", "yanchor": "bottom", "yshift": 6, "x": middle}
+        notes += [
+            {"text": f"<b>{html.escape(group)}</b>", "showarrow": False, **where}
+            for where in (
+                beside | {"yref": "y"},
+                above | {"xref": "x", "textangle": -90 if narrow else 0},
+            )
+        ]
+    return notes
 
 
 def gallery_page(
     evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
 ) -> str:
-    """Misclassified test images, grouped by the most-confused pairs, then the others."""
+    """Misclassified test images, capped so the page stays light at hundreds of errors: the
+    GALLERY_PAIRS most-confused pairs (PER_PAIR_IMAGES each), then the most confident of the
+    other errors, MAX_GALLERY_IMAGES in all; it says how many it leaves out."""
     probs = np.asarray(probs)
     predicted = probs.argmax(axis=1)
     wrong = np.flatnonzero(predicted != split.labels)
+    # Most confident mistakes first: those say most about what the model gets wrong.
+    wrong = wrong[np.argsort(-probs[wrong, predicted[wrong]], kind="stable")]
     index = {name: i for i, name in enumerate(split.classes)}
-    shown: set[int] = set()
+    phylum = dict(zip(split.classes, split.phyla, strict=True))
+    pairs = _top_pairs(evaluation, GALLERY_PAIRS)
+    in_pairs: set[int] = set()
+    shown = 0
     sections = []
-    for pair in evaluation["confused_pairs"]:
+    for pair in pairs:
         t, p = index[pair["true"]], index[pair["predicted"]]
         members = [int(i) for i in wrong if split.labels[i] == t and predicted[i] == p]
-        shown.update(members)
+        in_pairs.update(members)
+        take = members[: min(PER_PAIR_IMAGES, MAX_GALLERY_IMAGES - shown)]
+        shown += len(take)
         heading = (
-            f"{pair['true']} predicted as {pair['predicted']}: {_images(pair['count'])} "
+            f"{pair['true']} ({phylum[pair['true']]}) predicted as {pair['predicted']} "
+            f"({phylum[pair['predicted']]}): {_images(pair['count'])} "
             f"({pair['share_of_true']:.0%} of {pair['true']})"
+            + (f", {len(take)} shown" if len(take) < len(members) else "")
         )
-        sections.append(_gallery_section(heading, members[:PER_PAIR_IMAGES], split, probs))
-    others = [int(i) for i in wrong if int(i) not in shown]
+        sections.append(_gallery_section(heading, take, split, probs))
+    others = [int(i) for i in wrong if int(i) not in in_pairs]
     if others:
-        sections.append(
-            _gallery_section(
-                f"Other misclassified test images: {len(others)}",
-                others[:OTHER_ERROR_IMAGES],
-                split,
-                probs,
-            )
+        take = others[: max(0, min(OTHER_ERROR_IMAGES, MAX_GALLERY_IMAGES - shown))]
+        shown += len(take)
+        heading = f"Other misclassified test images: {len(others)}" + (
+            f", the {len(take)} most confident shown" if len(take) < len(others) else ""
         )
+        sections.append(_gallery_section(heading, take, split, probs))
+    left_out = len(wrong) - shown
     intro = (
         f"<h1>{html.escape(title)}: misclassified test images</h1>\n"
         f"<p>{len(wrong)} of {len(split.labels)} test images are misclassified. Grouped by the "
-        f"most-confused family pairs (at most {PER_PAIR_IMAGES} each). "
+        f"{GALLERY_PAIRS} most-confused family pairs (at most {PER_PAIR_IMAGES} images each), "
+        f"then the most confident of the other errors (at most {OTHER_ERROR_IMAGES}); at most "
+        f"{MAX_GALLERY_IMAGES} images in all. "
         f'<a href="{INDEX_PAGE}">Evaluation</a> · <a href="{CONFUSION_PAGE}">Confusion matrix'
-        "</a></p>"
+        "</a></p>\n"
+        + (
+            f'<p class="left-out">{shown} shown; {left_out} misclassified test images are left '
+            "out here (the confusion matrix counts every one).</p>"
+            if left_out
+            else ""
+        )
     )
     if not len(wrong):
         sections.append("<p>No misclassified test image.</p>")
@@ -338,7 +536,7 @@ def thumbnail(image: np.ndarray) -> str:
     img = Image.fromarray(np.asarray(image, dtype=np.uint8))
     img.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     buf = io.BytesIO()
-    img.save(buf, "JPEG", quality=85)
+    img.save(buf, "JPEG", quality=THUMBNAIL_QUALITY)
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -451,23 +649,34 @@ def model_card(
 
 
 def _weaknesses(evaluation: dict[str, Any]) -> list[str]:
+    """Short at any number of families: the worst and best CARD_FAMILIES and a per-phylum table;
+    the full per-family table lives in reports/index.html and per_family.csv."""
     families = sorted(evaluation["per_family"], key=lambda r: (r["f1"], -r["support"], r["family"]))
+    n = len(families)
+    if n <= 2 * CARD_FAMILIES:
+        tables = ["Families by test F1, worst first (few test images make these noisy):", ""]
+        tables += [*_card_families(families), ""]
+    else:
+        best = sorted(families, key=lambda r: (-r["f1"], -r["support"], r["family"]))
+        worst_of = f"The {CARD_FAMILIES} worst of {n} families by test F1"
+        tables = [f"{worst_of} (few test images make these noisy):", ""]
+        tables += [*_card_families(families[:CARD_FAMILIES]), ""]
+        tables += [f"The {CARD_FAMILIES} best:", "", *_card_families(best[:CARD_FAMILIES]), ""]
+        tables += [
+            f"All {n} families: `per_family.csv`, [evaluation summary](reports/{INDEX_PAGE}).",
+            "",
+        ]
     lines = [
-        "Worst families by test F1 (few test images make these noisy):",
+        *tables,
+        "Per phylum (worst accuracy first):",
         "",
-        "| family | phylum | F1 | precision | recall | test images | train images |",
-        "|---|---|---|---|---|---|---|",
+        "| phylum | families | test images | accuracy | mean family F1 |",
+        "|---|---|---|---|---|",
         *[
-            f"| {r['family']} | {r['phylum']} | {r['f1']:.3f} | {r['precision']:.3f} | "
-            f"{r['recall']:.3f} | {r['support']} | {r['train_images']} |"
-            for r in families[:5]
+            f"| {r['phylum']} | {r['families']} | {r['n']} | {r['accuracy']:.3f} | "
+            f"{_mean_f1(families, r['phylum'])} |"
+            for r in evaluation["per_phylum"]
         ],
-        "",
-        "Accuracy per phylum (worst first): "
-        + ", ".join(
-            f"{r['phylum']} {r['accuracy']:.3f} (n={r['n']})" for r in evaluation["per_phylum"]
-        )
-        + ".",
         "",
         "Accuracy per family size: "
         + ", ".join(
@@ -499,6 +708,24 @@ def _weaknesses(evaluation: dict[str, Any]) -> list[str]:
             + ".",
         ]
     return lines
+
+
+def _card_families(rows: list[dict[str, Any]]) -> list[str]:
+    return [
+        "| family | phylum | F1 | precision | recall | test images | train images |",
+        "|---|---|---|---|---|---|---|",
+        *[
+            f"| {r['family']} | {r['phylum']} | {r['f1']:.3f} | {r['precision']:.3f} | "
+            f"{r['recall']:.3f} | {r['support']} | {r['train_images']} |"
+            for r in rows
+        ],
+    ]
+
+
+def _mean_f1(families: list[dict[str, Any]], phylum: str) -> str:
+    """Macro F1 over the families of one phylum (those with test images)."""
+    f1 = [r["f1"] for r in families if r["phylum"] == phylum and r["support"]]
+    return _num(float(np.mean(f1)) if f1 else None)
 
 
 def dashboard_note(info: dict[str, Any], evaluation: dict[str, Any], report: str) -> str:
