@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 
+from search.cli import main
 from search.settings import Settings
 from search.study import OBJECTIVE_NAME, create_or_load, load, open_storage
-from tests.conftest import run_cli, search_env
+from search.worker import run_worker
+from tests.conftest import search_env
 
 ONE_HEAD = '[space]\nbackbone = ["efficientnet_lite0"]\nn_layers = {low = 1, high = 1}\n'
 
@@ -22,7 +25,9 @@ def test_a_new_study_names_its_objective(tmp_path: Path) -> None:
     assert again.metric_names == [OBJECTIVE_NAME]
 
 
-def test_a_worker_names_the_objective_of_an_older_study(workspace: Path) -> None:
+def test_a_worker_names_the_objective_of_an_older_study(
+    workspace: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """A study created without a name (as before this change) gets it from the next worker,
     and `search status` shows it with the best value."""
     (workspace / "space.toml").write_text(ONE_HEAD)
@@ -35,13 +40,12 @@ def test_a_worker_names_the_objective_of_an_older_study(workspace: Path) -> None
     )
     assert old.metric_names is None
 
-    worker = run_cli(["worker", "--n-trials", "1"], env, workspace)
-    assert worker.returncode == 0, worker.stderr[-3000:]
+    run_worker(settings, n_trials=1)  # the worker command's own code, in this process
 
     study = load(open_storage(settings, heartbeat=False), settings)
     assert study.metric_names == ["validation macro-F1"]
     assert len(study.trials) == 1 and study.trials[0].value is not None
-    status = run_cli(["status"], env, workspace)
-    assert status.returncode == 0, status.stderr
-    best = next(line for line in status.stdout.splitlines() if line.startswith("best"))
+    capsys.readouterr()
+    assert main(["status", "--storage", settings.storage, "--study", settings.study]) == 0
+    best = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("best"))
     assert f"{study.best_value:.4f} validation macro-F1" in best
