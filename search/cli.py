@@ -52,6 +52,11 @@ def cmd_synth(args: argparse.Namespace) -> int:
         as_zip=args.zip,
         total_images=args.images,
         style=args.style,
+        real_shape=args.real_shape,
+        labels=args.labels,
+        sizes=args.sizes,
+        workers=args.workers if args.workers is not None else (os.cpu_count() or 1),
+        progress=True,
     )
     print(f"wrote synthetic data set to {path}")
     return 0
@@ -177,7 +182,7 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from search.evaluate import evaluate_champion
+    from search.registry import evaluate_champion
 
     result = evaluate_champion(_settings(args), args.model)
     print(_dump(result) if args.json else result["summary"])
@@ -206,9 +211,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("synth", help="generate a data set in the real rare_species.zip format")
     p.add_argument("out", type=Path, help="output folder (or .zip path with --zip)")
-    p.add_argument("--families", type=int, default=12, help="number of families (default 12)")
+    p.add_argument("--families", type=int, default=None, help="number of families (default 12)")
     p.add_argument("--images", type=int, default=None, help="about this many images in all")
+    p.add_argument(
+        "--real-shape",
+        dest="real_shape",
+        action="store_true",
+        help="every real family, species and count: 202 families, 400 species, 11,983 images",
+    )
+    p.add_argument(
+        "--labels",
+        type=Path,
+        help="with the rows of this labels CSV (rare_species_labels.csv form): its families, "
+        "species, counts and file names; implies --real-shape",
+    )
+    p.add_argument(
+        "--sizes",
+        choices=["fixed", "real"],
+        default="fixed",
+        help="fixed: about --image-px square (default); real: the real photos' spread of sizes "
+        "(long side 297-8,688 px, median 1,710), a few grayscale, CMYK, EXIF-rotated; photos style",
+    )
     p.add_argument("--image-px", dest="image_px", type=int, default=128, help="image side in px")
+    p.add_argument(
+        "--workers", type=int, default=None, help="drawing processes (default: all cores)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--zip", action="store_true", help="write a zip like rare_species.zip")
     p.add_argument(

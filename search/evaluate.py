@@ -1,4 +1,6 @@
-"""Test-split evaluation users can trust: metrics, error analysis and the files that show them.
+"""Test-split evaluation users can trust: metrics and error analysis of a model on a split.
+The files that show it are written by search/reports.py; `search evaluate` is in
+search/registry.py (it loads a registered version).
 
 An evaluation is a pure function of (predicted probabilities, prepared data): the same model on the
 same split gives the same `evaluation.json`, byte for byte, whether it was written at promotion
@@ -11,29 +13,21 @@ species and 1-5 species per family, so all three buckets are populated there.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
-import os
-import shutil
 import sys
-import tempfile
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
-from filelock import FileLock
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from search.errors import RegistryError
 from search.metrics import compute_metrics
-from search.settings import Settings
 
 if TYPE_CHECKING:
     from search.dataset import PreparedData
-    from search.registry import Champion
 
 RARE_BELOW = 30
 COMMON_FROM = 100
@@ -43,20 +37,6 @@ SIZE_BUCKETS = (
     ("common", f">= {COMMON_FROM} training images"),
 )
 TOP_PAIRS = 10
-EVALUATION_FILE = "evaluation.json"
-PER_FAMILY_FILE = "per_family.csv"
-REPORTS_DIR = "reports"
-EVALUATIONS_DIR = "evaluations"
-PER_FAMILY_COLUMNS = (
-    "family",
-    "phylum",
-    "precision",
-    "recall",
-    "f1",
-    "support",
-    "train_images",
-    "size_bucket",
-)
 
 
 @dataclass
@@ -246,109 +226,29 @@ def to_json(evaluation: dict[str, Any]) -> str:
     return json.dumps(evaluation, indent=2, allow_nan=False) + "\n"
 
 
-def write_evaluation(
-    folder: Path, evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
-) -> dict[str, Path]:
-    """evaluation.json, per_family.csv and reports/ (HTML pages) into `folder`."""
-    from search.reports import write_reports
+class Scorable(Protocol):
+    """What scoring needs of a model: search.registry.Champion is one."""
 
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / EVALUATION_FILE).write_text(to_json(evaluation))
-    with open(folder / PER_FAMILY_FILE, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=PER_FAMILY_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(evaluation["per_family"])
-    pages = write_reports(folder / REPORTS_DIR, evaluation, split, probs, title)
-    return {
-        "evaluation": folder / EVALUATION_FILE,
-        "per_family": folder / PER_FAMILY_FILE,
-        **pages,
-    }
+    path: Path
+    classes: list[str]
+    image_size: int
+
+    def predict(self, images: np.ndarray) -> np.ndarray: ...
 
 
-def score(champion: Champion, split: HeldOutSplit) -> tuple[np.ndarray, dict[str, Any]]:
+def score(champion: Scorable, split: HeldOutSplit) -> tuple[np.ndarray, dict[str, Any]]:
     """Predict the test split with a loaded model and evaluate it."""
     check_compatible(champion, split)
     probs = champion.predict(split.images)
     return probs, evaluate(probs, split)
 
 
-def check_compatible(champion: Champion, split: HeldOutSplit) -> None:
+def check_compatible(champion: Scorable, split: HeldOutSplit) -> None:
     if champion.classes != split.classes or champion.image_size != split.images.shape[1]:
         raise RegistryError(
             f"the model at {champion.path} was trained on other families or another image size "
             "than the prepared data: point --data-dir at the data it was trained on"
         )
-
-
-def evaluate_champion(settings: Settings, model_path: Path | None = None) -> dict[str, Any]:
-    """Evaluate the champion (or the version at `model_path`) on the test split and write
-    models/evaluations/<version>/ (evaluation.json, per_family.csv, reports/)."""
-    from search.dataset import load_prepared
-    from search.registry import champion_link, load_champion
-
-    models_dir = Path(settings.models_dir)
-    champion = load_champion(models_dir, model_path)
-    version = str(champion.info.get("version") or champion.path.name)
-    split = HeldOutSplit.of(load_prepared(settings.data_dir))
-    _log(f"evaluate: {version} on {len(split.labels)} test images")
-    probs, evaluation = score(champion, split)
-    previous = (champion.info.get("previous") or {}).get("version")
-    comparison = None
-    if previous and (models_dir / "history" / previous).is_dir():
-        try:
-            _, old = score(load_champion(models_dir, models_dir / "history" / previous), split)
-            comparison = compare(evaluation, old, previous)
-        except RegistryError as exc:
-            _log(f"evaluate: previous champion {previous} not compared: {exc}")
-    evaluation = with_version(version, evaluation, comparison)
-    out = models_dir / EVALUATIONS_DIR / version
-    paths = _write_atomically(out, evaluation, split, probs, version)
-    warning = ""
-    if champion.info.get("data_hash") not in (None, split.data_hash):
-        warning = (
-            f"warning: {version} was trained on other prepared data than {settings.data_dir}; "
-            "its test split may hold images it was trained on"
-        )
-    current = champion_link(models_dir)
-    is_champion = current.exists() and current.resolve() == champion.path
-    return {
-        "version": version,
-        "champion": is_champion,
-        "folder": str(out),
-        "files": {k: str(v) for k, v in paths.items()},
-        "evaluation": evaluation,
-        "summary": summary(evaluation, out / REPORTS_DIR / "index.html", warning),
-    }
-
-
-def _write_atomically(
-    out: Path, evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
-) -> dict[str, Path]:
-    """Write into a staging folder beside `out`, then swap it in: readers never see half, and
-    two evaluations of one version take turns."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(out.parent / f".{out.name}.lock")):
-        return _swap_in(out, evaluation, split, probs, title)
-
-
-def _swap_in(
-    out: Path, evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
-) -> dict[str, Path]:
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        written = write_evaluation(staging, evaluation, split, probs, title)
-        os.chmod(staging, 0o755)  # mkdtemp made it private
-        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-        if out.exists():
-            os.rename(out, old)
-        os.rename(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return {k: out / v.relative_to(staging) for k, v in written.items()}
 
 
 def summary(evaluation: dict[str, Any], report: Path, warning: str = "") -> str:

@@ -1,10 +1,12 @@
 """The champion registry under models/: promote the best trial, list the history, roll back,
-load the champion.
+load the champion, evaluate a version (`search evaluate`). Scoring is search/evaluate.py and
+the pages search/reports.py; the registry uses both and neither uses it.
 
 Layout:
     models/history/<time>-<study>-<trial>/   every champion ever promoted, kept whole:
         model.keras  champion.json  MODEL_CARD.md  evaluation.json  per_family.csv  reports/
     models/champion -> history/<id>           a relative symlink to the current one
+    models/evaluations/<version>/            `search evaluate` of a version, swapped in whole
 
 A promotion writes a complete new version folder first (staged as history/.<version>.*) and then
 swaps the `champion` link with one atomic rename, so a crash at any point leaves the previous
@@ -56,6 +58,7 @@ INFO_FILE = "champion.json"
 CARD_FILE = "MODEL_CARD.md"
 PREDICT_BATCH = 64
 LOCK_FILE = ".registry.lock"
+EVALUATIONS_DIR = "evaluations"  # models/evaluations/<version>/: `search evaluate` output
 
 _METADATA = sa.MetaData()
 PROMOTIONS = sa.Table(
@@ -218,8 +221,8 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
     from optuna.artifacts import download_artifact
 
     from search.dataset import load_prepared
-    from search.evaluate import HeldOutSplit, score, with_version, write_evaluation
-    from search.reports import model_card
+    from search.evaluate import HeldOutSplit, score, with_version
+    from search.reports import model_card, write_evaluation
     from search.study import load, open_artifact_store, open_storage, redact
 
     storage = open_storage(settings, heartbeat=False)
@@ -680,3 +683,75 @@ def _fmt(value: Any) -> str:
 
 def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
+
+
+def evaluate_champion(settings: Settings, model_path: Path | None = None) -> dict[str, Any]:
+    """Evaluate the champion (or the version at `model_path`) on the test split and write
+    models/evaluations/<version>/ (evaluation.json, per_family.csv, reports/)."""
+    from search.dataset import load_prepared
+    from search.evaluate import HeldOutSplit, compare, score, summary, with_version
+    from search.reports import REPORTS_DIR
+
+    models_dir = Path(settings.models_dir)
+    champion = load_champion(models_dir, model_path)
+    version = str(champion.info.get("version") or champion.path.name)
+    split = HeldOutSplit.of(load_prepared(settings.data_dir))
+    _log(f"evaluate: {version} on {len(split.labels)} test images")
+    probs, evaluation = score(champion, split)
+    previous = (champion.info.get("previous") or {}).get("version")
+    comparison = None
+    if previous and (models_dir / "history" / previous).is_dir():
+        try:
+            _, old = score(load_champion(models_dir, models_dir / "history" / previous), split)
+            comparison = compare(evaluation, old, previous)
+        except RegistryError as exc:
+            _log(f"evaluate: previous champion {previous} not compared: {exc}")
+    evaluation = with_version(version, evaluation, comparison)
+    out = models_dir / EVALUATIONS_DIR / version
+    paths = _write_atomically(out, evaluation, split, probs, version)
+    warning = ""
+    if champion.info.get("data_hash") not in (None, split.data_hash):
+        warning = (
+            f"warning: {version} was trained on other prepared data than {settings.data_dir}; "
+            "its test split may hold images it was trained on"
+        )
+    current = champion_link(models_dir)
+    is_champion = current.exists() and current.resolve() == champion.path
+    return {
+        "version": version,
+        "champion": is_champion,
+        "folder": str(out),
+        "files": {k: str(v) for k, v in paths.items()},
+        "evaluation": evaluation,
+        "summary": summary(evaluation, out / REPORTS_DIR / "index.html", warning),
+    }
+
+
+def _write_atomically(
+    out: Path, evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
+) -> dict[str, Path]:
+    """Write into a staging folder beside `out`, then swap it in: readers never see half, and
+    two evaluations of one version take turns."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out.parent / f".{out.name}.lock")):
+        return _swap_in(out, evaluation, split, probs, title)
+
+
+def _swap_in(
+    out: Path, evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
+) -> dict[str, Path]:
+    from search.reports import write_evaluation
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        written = write_evaluation(staging, evaluation, split, probs, title)
+        os.chmod(staging, 0o755)  # mkdtemp made it private
+        old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+        if out.exists():
+            os.rename(out, old)
+        os.rename(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return {k: out / v.relative_to(staging) for k, v in written.items()}

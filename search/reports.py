@@ -8,6 +8,7 @@ fetched from a network. Every page is static HTML plus plotly figures.
 from __future__ import annotations
 
 import base64
+import csv
 import html
 import io
 from pathlib import Path
@@ -17,11 +18,25 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
 
-from search.evaluate import confused_pairs
+from search.evaluate import confused_pairs, to_json
 
 if TYPE_CHECKING:
     from search.evaluate import HeldOutSplit
 
+EVALUATION_FILE = "evaluation.json"
+PER_FAMILY_FILE = "per_family.csv"
+REPORTS_DIR = "reports"
+EVALUATIONS_DIR = "evaluations"
+PER_FAMILY_COLUMNS = (
+    "family",
+    "phylum",
+    "precision",
+    "recall",
+    "f1",
+    "support",
+    "train_images",
+    "size_bucket",
+)
 PLOTLY_JS = "plotly.min.js"
 INDEX_PAGE = "index.html"
 CONFUSION_PAGE = "confusion_matrix.html"
@@ -86,6 +101,25 @@ figure img { width: 96px; height: 96px; image-rendering: pixelated; display: blo
 figcaption ol { margin: 0.2rem 0 0; padding-left: 1.2rem; }
 .path { color: #666; word-break: break-all; }
 """
+
+
+def write_evaluation(
+    folder: Path, evaluation: dict[str, Any], split: HeldOutSplit, probs: np.ndarray, title: str
+) -> dict[str, Path]:
+    """evaluation.json, per_family.csv and reports/ (HTML pages) into `folder`."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EVALUATION_FILE).write_text(to_json(evaluation))
+    with open(folder / PER_FAMILY_FILE, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=PER_FAMILY_COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(evaluation["per_family"])
+    pages = write_reports(folder / REPORTS_DIR, evaluation, split, probs, title)
+    return {
+        "evaluation": folder / EVALUATION_FILE,
+        "per_family": folder / PER_FAMILY_FILE,
+        **pages,
+    }
 
 
 def write_reports(

@@ -17,16 +17,9 @@ from sklearn.metrics import classification_report, confusion_matrix
 from search import predict as predict_module
 from search.cli import main
 from search.dataset import load_prepared
-from search.evaluate import (
-    EVALUATION_FILE,
-    PER_FAMILY_FILE,
-    HeldOutSplit,
-    compare,
-    evaluate,
-    evaluate_champion,
-    size_bucket,
-)
-from search.registry import load_champion, promote_best
+from search.evaluate import HeldOutSplit, compare, evaluate, size_bucket
+from search.registry import evaluate_champion, load_champion, promote_best
+from search.reports import EVALUATION_FILE, PER_FAMILY_FILE
 from search.settings import Settings
 from search.study import create_or_load, open_storage
 from search.worker import run_worker

@@ -20,8 +20,8 @@ import pytest
 from PIL import Image
 
 from search.dataset import load_prepared
-from search.evaluate import HeldOutSplit, compare, evaluate, with_version, write_evaluation
-from search.reports import CONFUSION_PAGE, GALLERY_PAGE, INDEX_PAGE, PLOTLY_JS
+from search.evaluate import HeldOutSplit, compare, evaluate, with_version
+from search.reports import CONFUSION_PAGE, GALLERY_PAGE, INDEX_PAGE, PLOTLY_JS, write_evaluation
 from tests.conftest import ROOT
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

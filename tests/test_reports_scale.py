@@ -19,14 +19,7 @@ import pytest
 from PIL import Image
 
 import search
-from search.evaluate import (
-    PER_FAMILY_FILE,
-    HeldOutSplit,
-    compare,
-    evaluate,
-    with_version,
-    write_evaluation,
-)
+from search.evaluate import HeldOutSplit, compare, evaluate, with_version
 from search.reports import (
     CARD_FAMILIES,
     CELL_PX,
@@ -37,11 +30,13 @@ from search.reports import (
     INDEX_PAGE,
     MAX_GALLERY_IMAGES,
     OTHER_ERROR_IMAGES,
+    PER_FAMILY_FILE,
     PER_PAIR_IMAGES,
     THUMBNAIL_PX,
     confusion_figure,
     model_card,
     thumbnail,
+    write_evaluation,
 )
 from tests.conftest import HEAD
 
