@@ -11,27 +11,37 @@ cluttered background with distractor patterns and noise, so colour alone is not 
 better model scores clearly better than a worse one. That is the default "coats" style, quick
 to learn (tests, smoke runs); the "photos" style (search/synth_photos.py) makes a family a
 body plan in photo-like scenes, where pretrained backbones pay off as they do on real photos.
+
+At full size (`real_shape`, `sizes="real"`) it stands in for the whole download: every family,
+species and count, photos with the real spread of pixel sizes (a few grayscale, CMYK and
+EXIF-rotated), drawn small, upscaled and JPEG-encoded in a process pool, so the ~3 GB set takes
+minutes on two cores and rehearsals (benchmarks/full_scale.py) meet the real decoding load.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import math
+import multiprocessing
 import os
 import shutil
 import tempfile
 import uuid
 import zipfile
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image
 
 from search.errors import ConfigError
+from search.progress import Progress
 from search.synth_photos import (
+    BodyPlan,
+    Coat,
     body_plans,
     hsv_to_rgb,
     pick_combinations,
@@ -39,7 +49,16 @@ from search.synth_photos import (
     species_look,
 )
 
-__all__ = ["FAMILY_TABLE", "METADATA_COLUMNS", "STYLES", "generate", "load_families"]
+__all__ = [
+    "FAMILY_TABLE",
+    "LABEL_COLUMNS",
+    "METADATA_COLUMNS",
+    "REAL_TOTAL",
+    "SIZES",
+    "STYLES",
+    "generate",
+    "load_families",
+]
 
 FAMILY_TABLE = "families.csv"
 METADATA_COLUMNS = (
@@ -52,7 +71,9 @@ METADATA_COLUMNS = (
     "file_path",
 )
 ZIP_TOP = "rare_species"
+LABEL_COLUMNS = METADATA_COLUMNS[1:]  # rare_species_labels.csv: metadata.csv without the UUID
 STYLES = ("coats", "photos")  # a family is a coat texture / a body plan (search/synth_photos.py)
+SIZES = ("fixed", "real")  # about image_px square / the real spread of full-size photos
 MIN_PER_FAMILY = 8
 GRAYSCALE_FRACTION = 0.01  # "a few" real photos are grayscale JPEGs
 
@@ -64,7 +85,22 @@ _FREQS = (3.0, 5.0, 8.0)  # pattern cycles across the body's long axis
 _MARKINGS = ("dark", "light")
 _ZIP_DATE = (2020, 1, 1, 0, 0, 0)  # fixed, so one seed gives one byte-identical zip
 
-Render = Callable[[int, int, int], bytes]  # (family, species, image) -> JPEG bytes
+# The real set (../shared/data/README.md): 11,983 photos; families.csv summarises the public label
+# list, which lacks 159 of them; species hold at most 30 photos.
+REAL_TOTAL = 11_983
+MAX_PER_SPECIES = 30
+# Long side of the real photos, measured on a sample of 127: min, p10, median, p90, max; short
+# side down to 160. A log-normal through p10/median/p90, redrawn outside [min, max].
+LONG_MIN, LONG_P10, LONG_MEDIAN, LONG_P90, LONG_MAX = 297, 640, 1710, 3963, 8688
+SHORT_MIN = 160
+RENDER_PX = 320  # full-size photos are drawn at this long side, then upscaled (minutes, not hours)
+CMYK_FRACTION = 0.005
+EXIF_FRACTION = 0.02
+_STORE_TURN = {  # EXIF orientation -> how the upright picture is stored so viewers turn it back
+    3: Image.Transpose.ROTATE_180,
+    6: Image.Transpose.ROTATE_90,
+    8: Image.Transpose.ROTATE_270,
+}
 
 
 @dataclass(frozen=True)
@@ -98,16 +134,31 @@ def load_families() -> list[FamilyInfo]:
     ]
 
 
+@dataclass(frozen=True)
+class _Shot:
+    """How one full-size photo is stored: upright size, JPEG colour mode, EXIF orientation."""
+
+    width: int
+    height: int
+    mode: str = "RGB"  # "RGB", "L" (grayscale) or "CMYK"
+    orientation: int = 1  # 1 upright; 3, 6, 8: pixels stored turned, EXIF says how to turn back
+
+
 def generate(
     out: Path,
     *,
-    n_families: int = 12,
+    n_families: int | None = None,
     images_per_family: tuple[int, int] | None = None,
     image_px: int = 128,
     seed: int = 0,
     as_zip: bool = False,
     total_images: int | None = None,
     style: str = "coats",
+    real_shape: bool = False,
+    labels: Path | None = None,
+    sizes: str = "fixed",
+    workers: int = 1,
+    progress: bool = False,
 ) -> Path:
     """Write a synthetic data set at `out` (a folder, or with `as_zip` a zip file whose single
     top-level folder is `rare_species/`, like the real download) and return its path.
@@ -117,43 +168,234 @@ def generate(
     (lo, hi) when given; else the real counts. Families are picked one per size-quantile, so
     large and small families are both present. `style` "coats": a family is a coat texture,
     quick to learn (tests, demos); "photos": a family is a body plan in field-photo-like
-    scenes, where pretrained features pay as on the real photos. Refuses to overwrite an
+    scenes, where pretrained features pay as on the real photos.
+
+    `real_shape`: every family of `families.csv` with its real species and counts, topped up to
+    the real total of 11,983 (the label list lacks 159: they go to the species that have fewest
+    photos, at most 30 a species); `labels` (implies it): exactly the rows of a labels CSV of the
+    `rare_species_labels.csv` form. `sizes` "fixed": about `image_px` square; "real": the real
+    spread of full-size photo sizes (photos style only), a few grayscale, CMYK and EXIF-rotated.
+    `workers` processes draw the photos; the bytes do not depend on it. Refuses to overwrite an
     existing `out`: it might be the user's real data.
     """
     out = Path(out)
     table = load_families()
+    whole = real_shape or labels is not None
+    if whole and (n_families is not None or images_per_family or total_images is not None):
+        raise ConfigError(
+            "a real-shape data set has every family and the real counts: "
+            "drop the number of families and images"
+        )
+    n_families = 12 if n_families is None else n_families
     _check_args(n_families, images_per_family, image_px, total_images, len(table))
     if style not in STYLES:
         raise ConfigError(f"unknown style {style!r}: choose one of {', '.join(STYLES)}")
+    if sizes not in SIZES:
+        raise ConfigError(f"unknown sizes {sizes!r}: choose one of {', '.join(SIZES)}")
+    if sizes == "real" and style != "photos":
+        raise ConfigError("real photo sizes need the photos style: add --style photos")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
     if out.exists():
         raise ConfigError(f"{out} already exists: remove it or choose another output path")
     rng = np.random.default_rng(seed)
-    chosen = _choose_families(table, n_families, rng)
-    counts = _image_counts(chosen, images_per_family, total_images)
-    render = _renderer(style, len(chosen), image_px, seed, rng)
-    rows = _metadata_rows(chosen, counts, rng)
+    if labels is not None:
+        chosen, rows = _labels_rows(Path(labels), rng)
+        painter = _painter(style, len(chosen), image_px, seed, rng)
+    else:
+        if real_shape:
+            chosen, counts = table, _real_counts(table)
+        else:
+            chosen = _choose_families(table, n_families, rng)
+            counts = _image_counts(chosen, images_per_family, total_images)
+        painter = _painter(style, len(chosen), image_px, seed, rng)
+        rows = _metadata_rows(chosen, counts, rng)
+    if sizes == "real":
+        for row, shot in zip(rows, _draw_shots(len(rows), seed), strict=True):
+            row["_shot"] = shot
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    images = _images(rows, painter, workers, progress)
     if as_zip:
-        _write_zip(out, rows, chosen, render)
+        _write_zip(out, rows, chosen, images)
     else:
-        _write_folder(out, rows, chosen, render)
+        _write_folder(out, rows, chosen, images)
     return out
 
 
-def _renderer(style: str, n: int, image_px: int, seed: int, rng: np.random.Generator) -> Render:
-    """The function that draws photo `img` of species `sp` of family `fam` (0-based)."""
+@dataclass(frozen=True)
+class _Painter:
+    """Draws photo `img` of species `sp` of family `fam` (0-based) as JPEG bytes. A plain,
+    picklable value, so pool processes draw exactly what the parent would."""
+
+    style: str
+    image_px: int
+    seed: int
+    looks: tuple[_Look, ...] = ()
+    plans: tuple[BodyPlan, ...] = ()
+
+    def __call__(self, task: tuple[int, int, int, _Shot | None]) -> bytes:
+        fam, sp, img, shot = task
+        if self.style == "coats":
+            return _render_jpeg(self.looks[fam], fam, sp, img, self.image_px, self.seed)
+        plan, coat = species_look(self.plans[fam], self.seed, fam, sp)
+        r = np.random.default_rng([self.seed, fam, sp, img, 2])
+        if shot is None:
+            return _jpeg(render_photo(plan, coat, r, self.image_px), r)
+        return _full_size_jpeg(plan, coat, r, shot)
+
+
+def _painter(style: str, n: int, image_px: int, seed: int, rng: np.random.Generator) -> _Painter:
     if style == "coats":
-        looks = _family_looks(n, rng)
-        return lambda fam, sp, img: _render_jpeg(looks[fam], fam, sp, img, image_px, seed)
-    plans = body_plans(n, rng)
+        return _Painter(style, image_px, seed, looks=tuple(_family_looks(n, rng)))
+    return _Painter(style, image_px, seed, plans=tuple(body_plans(n, rng)))
 
-    def render(fam: int, sp: int, img: int) -> bytes:
-        plan, coat = species_look(plans[fam], seed, fam, sp)
-        r = np.random.default_rng([seed, fam, sp, img, 2])
-        return _jpeg(render_photo(plan, coat, r, image_px), r)
 
-    return render
+def _real_counts(table: list[FamilyInfo]) -> list[int]:
+    """The label list's counts plus the photos it lacks (REAL_TOTAL in all), shared out by
+    largest remainder among families whose species hold fewer than 30 photos, in proportion
+    to that room: where the real set has its photos that the public list lost."""
+    n = np.array([f.n_images for f in table], dtype=np.int64)
+    room = np.maximum(0, MAX_PER_SPECIES * np.array([f.n_species for f in table]) - n)
+    extra = min(REAL_TOTAL - int(n.sum()), int(room.sum()))
+    if extra <= 0:
+        return [int(v) for v in n]
+    share = extra * room / room.sum()
+    add = np.floor(share).astype(np.int64)
+    rest = extra - int(add.sum())
+    order = sorted(range(len(n)), key=lambda i: (-(share[i] - add[i]), i))
+    add[order[:rest]] += 1
+    return [int(v) for v in n + add]
+
+
+def _labels_rows(
+    path: Path, rng: np.random.Generator
+) -> tuple[list[FamilyInfo], list[dict[str, object]]]:
+    """Families and metadata rows from a labels CSV (rare_species_labels.csv form): its exact
+    families, species, counts, ids and file names, in its order; only the UUIDs are drawn."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"labels file {path} not found: check the --labels path") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"labels file {path} cannot be read: {exc}") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = [c for c in LABEL_COLUMNS if c not in (reader.fieldnames or [])]
+    if missing:
+        raise ConfigError(
+            f"labels file {path} lacks column(s) {', '.join(missing)}: "
+            f"expected {', '.join(LABEL_COLUMNS)}"
+        )
+    raw = list(reader)
+    if not raw:
+        raise ConfigError(f"labels file {path} has no rows")
+    phylum_of: dict[str, str] = {}
+    species_of: dict[str, dict[str, int]] = {}
+    seen: set[str] = set()
+    for line, r in enumerate(raw, start=2):
+        fam, phylum, page, fp = r["family"], r["phylum"], r["eol_page_id"], r["file_path"]
+        parts = PurePosixPath(fp).parts
+        if (
+            len(parts) != 2
+            or parts[0] != f"{phylum}_{fam}"
+            or not parts[1].endswith(".jpg")
+            or parts[1].startswith(".")
+            or "\\" in fp
+        ):
+            raise ConfigError(
+                f"labels file {path} line {line}: file_path {fp!r} is not "
+                "<phylum>_<family>/<name>.jpg"
+            )
+        if fp in seen:
+            raise ConfigError(f"labels file {path} line {line}: file_path {fp!r} repeats")
+        seen.add(fp)
+        if phylum_of.setdefault(fam, phylum) != phylum:
+            raise ConfigError(f"labels file {path} line {line}: family {fam!r} in two phyla")
+        species = species_of.setdefault(fam, {})
+        species.setdefault(page, len(species))
+    families = sorted(phylum_of)
+    index = {f: i for i, f in enumerate(families)}
+    per_species: dict[tuple[str, str], int] = {}
+    rows: list[dict[str, object]] = []
+    for r in raw:
+        fam, page = r["family"], r["eol_page_id"]
+        img = per_species.get((fam, page), 0)
+        per_species[(fam, page)] = img + 1
+        row: dict[str, object] = {"rare_species_id": str(uuid.UUID(bytes=rng.bytes(16), version=4))}
+        row.update({c: r[c] for c in LABEL_COLUMNS})
+        row.update(_family=index[fam], _species=species_of[fam][page], _image=img)
+        rows.append(row)
+    counts = {f: 0 for f in families}
+    for r in raw:
+        counts[r["family"]] += 1
+    chosen = [FamilyInfo(f, phylum_of[f], counts[f], len(species_of[f])) for f in families]
+    return chosen, rows
+
+
+def _draw_shots(n: int, seed: int) -> list[_Shot]:
+    """Sizes and storage of `n` full-size photos, from their own random stream (so the scene
+    of every photo is the one fixed sizes would draw). Long sides follow the real spread; the
+    set holds its extremes (the largest draw becomes 8,688 px, the smallest 297 x 160); about 1%
+    are grayscale, 0.5% CMYK and 2% EXIF-rotated, at least one of each."""
+    r = np.random.default_rng([seed, 5])
+    mu = math.log(LONG_MEDIAN)
+    sigma = (math.log(LONG_P90) - math.log(LONG_P10)) / (2 * 1.2815516)  # z of the 90th pct
+    long = np.exp(mu + sigma * r.standard_normal(n))
+    outside = (long < LONG_MIN) | (long > LONG_MAX)
+    while outside.any():
+        long[outside] = np.exp(mu + sigma * r.standard_normal(int(outside.sum())))
+        outside = (long < LONG_MIN) | (long > LONG_MAX)
+    ratio = r.uniform(0.55, 1.0, n)  # short over long side
+    portrait = r.random(n) < 0.3
+    long_px = np.rint(long).astype(np.int64)
+    short_px = np.clip(np.rint(long * ratio).astype(np.int64), SHORT_MIN, long_px)
+    if n >= 2:
+        long_px[int(np.argmax(long))] = LONG_MAX
+        smallest = int(np.argmin(long))
+        long_px[smallest], short_px[smallest] = LONG_MIN, SHORT_MIN
+    modes = ["RGB"] * n
+    orientation = [1] * n
+    order = [int(i) for i in r.permutation(n)]
+    k_gray, k_cmyk, k_exif = (
+        max(1, round(f * n)) for f in (GRAYSCALE_FRACTION, CMYK_FRACTION, EXIF_FRACTION)
+    )
+    for i in order[:k_gray]:
+        modes[i] = "L"
+    for i in order[k_gray : k_gray + k_cmyk]:
+        modes[i] = "CMYK"
+    turns = r.choice(sorted(_STORE_TURN), size=k_exif)
+    for i, turn in zip(order[k_gray + k_cmyk : k_gray + k_cmyk + k_exif], turns, strict=False):
+        orientation[i] = int(turn)
+    shots = []
+    for i in range(n):
+        w, h = int(long_px[i]), int(short_px[i])
+        if portrait[i]:
+            w, h = h, w
+        shots.append(_Shot(w, h, modes[i], orientation[i]))
+    return shots
+
+
+def _full_size_jpeg(plan: BodyPlan, coat: Coat, r: np.random.Generator, shot: _Shot) -> bytes:
+    """Draw the photo at RENDER_PX long side, upscale it to the shot's size, encode it as the
+    shot says. Upscaled scenes are smooth, yet the files come out near the real sizes."""
+    w, h = shot.width, shot.height
+    scale = min(1.0, RENDER_PX / max(w, h))
+    small = (max(1, round(w * scale)), max(1, round(h * scale)))
+    picture = render_photo(plan, coat, r, max(small), size=small)
+    if small != (w, h):
+        picture = picture.resize((w, h), Image.Resampling.BICUBIC)
+    quality = int(r.integers(85, 91))
+    if shot.mode != "RGB":
+        picture = picture.convert(shot.mode)
+    extra: dict[str, object] = {}
+    if shot.orientation != 1:
+        picture = picture.transpose(_STORE_TURN[shot.orientation])
+        exif = Image.Exif()
+        exif[0x0112] = shot.orientation
+        extra["exif"] = exif.tobytes()
+    buf = io.BytesIO()
+    picture.save(buf, "JPEG", quality=quality, **extra)
+    return buf.getvalue()
 
 
 def _check_args(
@@ -251,19 +493,48 @@ def _metadata_bytes(rows: list[dict[str, object]]) -> bytes:
     return buf.getvalue().encode("utf-8")
 
 
-def _images(rows: list[dict[str, object]], render: Render) -> list[tuple[str, bytes]]:
-    out = []
-    for row in rows:
-        fam, sp, img = int(row["_family"]), int(row["_species"]), int(row["_image"])
-        out.append((str(row["file_path"]), render(fam, sp, img)))
-    return out
+_POOL_PAINTER: _Painter | None = None  # set in each pool process by _pool_init
+
+
+def _pool_init(painter: _Painter) -> None:
+    global _POOL_PAINTER
+    _POOL_PAINTER = painter
+
+
+def _pool_paint(task: tuple[int, int, int, _Shot | None]) -> bytes:
+    assert _POOL_PAINTER is not None
+    return _POOL_PAINTER(task)
+
+
+def _images(
+    rows: list[dict[str, object]], painter: _Painter, workers: int, progress: bool
+) -> Iterator[tuple[str, bytes]]:
+    """(file_path, JPEG bytes) in row order, drawn by `workers` processes: streamed, so a
+    3 GB set never sits in memory, and in order, so the bytes do not depend on `workers`."""
+    tasks = [
+        (int(r["_family"]), int(r["_species"]), int(r["_image"]), r.get("_shot")) for r in rows
+    ]
+    bar = Progress(len(tasks), "synth images", every_s=10.0) if progress else None
+    if workers == 1 or len(tasks) < 4 * workers:
+        drawn: Iterator[bytes] = (painter(t) for t in tasks)  # type: ignore[arg-type]
+        for row, data in zip(rows, drawn, strict=True):
+            yield str(row["file_path"]), data
+            if bar:
+                bar.update()
+        return
+    with multiprocessing.get_context().Pool(workers, _pool_init, (painter,)) as pool:
+        drawn = pool.imap(_pool_paint, tasks, chunksize=4)  # type: ignore[arg-type]
+        for row, data in zip(rows, drawn, strict=True):
+            yield str(row["file_path"]), data
+            if bar:
+                bar.update()
 
 
 def _write_zip(
     out: Path,
     rows: list[dict[str, object]],
     chosen: list[FamilyInfo],
-    render: Render,
+    images: Iterator[tuple[str, bytes]],
 ) -> None:
     """Write beside `out`, then rename: a crash never leaves a half zip under the real name."""
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
@@ -276,7 +547,7 @@ def _write_zip(
             zf.writestr(meta, _metadata_bytes(rows), compress_type=zipfile.ZIP_DEFLATED)
             for folder in sorted({f"{f.phylum}_{f.family}" for f in chosen}):
                 _zip_dir(zf, f"{ZIP_TOP}/{folder}/")
-            for path, data in _images(rows, render):
+            for path, data in images:
                 info = zipfile.ZipInfo(f"{ZIP_TOP}/{path}", date_time=_ZIP_DATE)
                 info.external_attr = 0o644 << 16
                 zf.writestr(info, data, compress_type=zipfile.ZIP_STORED)  # JPEGs don't shrink
@@ -296,7 +567,7 @@ def _write_folder(
     out: Path,
     rows: list[dict[str, object]],
     chosen: list[FamilyInfo],
-    render: Render,
+    images: Iterator[tuple[str, bytes]],
 ) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     tmp.chmod(0o755)
@@ -304,7 +575,7 @@ def _write_folder(
         (tmp / "metadata.csv").write_bytes(_metadata_bytes(rows))
         for f in chosen:
             (tmp / f"{f.phylum}_{f.family}").mkdir(exist_ok=True)
-        for path, data in _images(rows, render):
+        for path, data in images:
             (tmp / path).write_bytes(data)
         os.replace(tmp, out)
     except BaseException:

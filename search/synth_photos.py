@@ -101,10 +101,21 @@ def species_look(plan: BodyPlan, seed: int, fam: int, sp: int) -> tuple[BodyPlan
     return shape, coat
 
 
-def render_photo(plan: BodyPlan, coat: Coat, r: np.random.Generator, image_px: int) -> Image.Image:
-    """One photo of an animal of `plan` wearing `coat`, posed and lit at random by `r`."""
-    w = int(round(image_px * r.uniform(0.9, 1.1))) * _SUPERSAMPLE
-    h = int(round(image_px * r.uniform(0.9, 1.1))) * _SUPERSAMPLE
+def render_photo(
+    plan: BodyPlan,
+    coat: Coat,
+    r: np.random.Generator,
+    image_px: int,
+    size: tuple[int, int] | None = None,
+) -> Image.Image:
+    """One photo of an animal of `plan` wearing `coat`, posed and lit at random by `r`: about
+    `image_px` square, or exactly `size` (width, height) when given (`image_px` then only
+    scales the blur), so full-size photos of any aspect can be drawn small and upscaled."""
+    if size is None:
+        w = int(round(image_px * r.uniform(0.9, 1.1))) * _SUPERSAMPLE
+        h = int(round(image_px * r.uniform(0.9, 1.1))) * _SUPERSAMPLE
+    else:
+        w, h = size[0] * _SUPERSAMPLE, size[1] * _SUPERSAMPLE
     canvas = _scene(r, w, h)
     pose = _pose(r, w, h)
     _shadow(canvas, pose, plan)

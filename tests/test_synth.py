@@ -21,7 +21,14 @@ from sklearn.preprocessing import StandardScaler
 
 from search.errors import ConfigError
 from search.images import decode_image
-from search.synth import METADATA_COLUMNS, generate, load_families
+from search.synth import (
+    METADATA_COLUMNS,
+    REAL_TOTAL,
+    _draw_shots,
+    _real_counts,
+    generate,
+    load_families,
+)
 from search.synth_photos import body_plans, species_look
 
 NAME = re.compile(
@@ -163,3 +170,109 @@ def test_learnable_but_not_trivial(tmp_path: Path) -> None:
     chance = 1 / 8
     assert 2 * chance < weak < strong - 0.15
     assert 4 * chance < strong < 0.97
+
+
+# --- full size: the real shape, the real spread of sizes, camera-roll variety ---------------
+
+
+def _labels_csv(path: Path, families: dict[str, tuple[str, list[int]]]) -> Path:
+    """A labels CSV of the rare_species_labels.csv form: family -> (phylum, images per species)."""
+    lines = ["eol_content_id,eol_page_id,kingdom,phylum,family,file_path"]
+    content, page = 100, 5000
+    for fam, (phylum, species) in families.items():
+        for n in species:
+            page += 7
+            for _ in range(n):
+                content += 3
+                name = f"{phylum}_{fam}/{content}_{page}_eol-full-size-copy.jpg"
+                lines.append(f"{content},{page},animalia,{phylum},{fam},{name}")
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _zip_rows(path: Path) -> tuple[list[dict[str, str]], dict[str, bytes]]:
+    with zipfile.ZipFile(path) as zf:
+        rows = list(csv.DictReader(io.StringIO(zf.read("rare_species/metadata.csv").decode())))
+        files = {n.removeprefix("rare_species/"): zf.read(n) for n in zf.namelist() if n[-1] != "/"}
+    return rows, files
+
+
+def test_real_shape_from_labels_has_exactly_its_rows(tmp_path: Path) -> None:
+    spec = {"apidae": ("arthropoda", [3, 2]), "boidae": ("chordata", [4]), "oculinidae": (
+        "cnidaria", [2, 2, 3])}  # fmt: skip
+    labels = _labels_csv(tmp_path / "labels.csv", spec)
+    out = generate(tmp_path / "r.zip", labels=labels, as_zip=True, image_px=24, style="photos")
+    rows, files = _zip_rows(out)
+    want = read_csv(labels)
+    assert [{c: r[c] for c in METADATA_COLUMNS[1:]} for r in rows] == want
+    assert len({r["rare_species_id"] for r in rows}) == len(rows)
+    assert set(files) == {"metadata.csv"} | {r["file_path"] for r in want}
+    per_species: dict[tuple[str, str], int] = {}
+    for r in rows:
+        per_species[(r["family"], r["eol_page_id"])] = (
+            per_species.get((r["family"], r["eol_page_id"]), 0) + 1
+        )
+    assert sorted(per_species.values()) == sorted(n for _, s in spec.values() for n in s)
+
+
+def test_real_shape_is_every_family_topped_up_to_the_real_total() -> None:
+    table = load_families()
+    counts = _real_counts(table)
+    assert len(table) == 202 and sum(f.n_species for f in table) == 400
+    assert {f.phylum for f in table} == {
+        "chordata", "arthropoda", "cnidaria", "mollusca", "echinodermata"}  # fmt: skip
+    assert sum(counts) == REAL_TOTAL == 11_983
+    for f, n in zip(table, counts, strict=True):
+        assert f.n_images <= n <= 30 * f.n_species
+    assert min(counts) >= 23 and max(counts) == 300 and sorted(counts)[101] == 30  # median
+
+
+def test_real_shape_refuses_family_counts_and_bad_labels(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="drop the number of families"):
+        generate(tmp_path / "x", real_shape=True, n_families=3)
+    bad = tmp_path / "bad.csv"
+    bad.write_text("eol_content_id,eol_page_id,kingdom,phylum,family,file_path\n"
+                   "1,2,animalia,chordata,boidae,../../etc/x.jpg\n")  # fmt: skip
+    with pytest.raises(ConfigError, match="line 2: file_path '../../etc/x.jpg' is not"):
+        generate(tmp_path / "x", labels=bad)
+    bad.write_text("family,file_path\nboidae,chordata_boidae/1_2.jpg\n")
+    with pytest.raises(ConfigError, match="lacks column"):
+        generate(tmp_path / "x", labels=bad)
+    with pytest.raises(ConfigError, match="need the photos style"):
+        generate(tmp_path / "x", sizes="real")
+    assert not (tmp_path / "x").exists()
+
+
+def test_real_sizes_spread_extremes_and_variety() -> None:
+    shots = _draw_shots(11_983, seed=0)
+    longs = np.array([max(s.width, s.height) for s in shots])
+    shorts = np.array([min(s.width, s.height) for s in shots])
+    assert longs.min() == 297 and longs.max() == 8688 and shorts.min() == 160
+    assert 560 <= np.percentile(longs, 10) <= 720 and 1550 <= np.median(longs) <= 1870
+    assert 3600 <= np.percentile(longs, 90) <= 4350
+    assert any(s.height > s.width for s in shots) and any(s.width > s.height for s in shots)
+    modes = [s.mode for s in shots]
+    assert 60 <= modes.count("L") <= 180 and 30 <= modes.count("CMYK") <= 90
+    assert 150 <= sum(s.orientation != 1 for s in shots) <= 350
+
+
+def test_real_sizes_files_decode_upright_and_same_bytes_with_a_pool(tmp_path: Path) -> None:
+    labels = _labels_csv(tmp_path / "labels.csv", {"boidae": ("chordata", [6, 6])})
+    kw = {"labels": labels, "as_zip": True, "style": "photos", "sizes": "real", "seed": 4}
+    one = generate(tmp_path / "a.zip", workers=1, **kw)
+    two = generate(tmp_path / "b.zip", workers=2, **kw)
+    assert one.read_bytes() == two.read_bytes()
+    rows, files = _zip_rows(one)
+    shots = _draw_shots(len(rows), seed=4)
+    seen = set()
+    for r, shot in zip(rows, shots, strict=True):
+        with Image.open(io.BytesIO(files[r["file_path"]])) as img:
+            assert img.format == "JPEG" and img.mode == shot.mode
+            turn = img.getexif().get(0x0112, 1)
+            assert turn == shot.orientation
+            upright = img.size if turn == 3 or turn == 1 else img.size[::-1]
+            assert upright == (shot.width, shot.height)
+            seen.add(img.mode if turn == 1 else "exif")
+        assert decode_image(io.BytesIO(files[r["file_path"]]), 32).shape == (32, 32, 3)
+    assert seen == {"RGB", "L", "CMYK", "exif"}
+    assert {max(s.width, s.height) for s in shots} >= {297, 8688}
