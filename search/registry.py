@@ -135,8 +135,17 @@ def load_champion(models_dir: Path, path: Path | None = None) -> Champion:
 
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
+    """The complete trial with the highest value and a checkpoint (the lowest number among
+    equals). On RDB storage one query finds it, and the whole study is read only when that
+    trial has no checkpoint: reading every trial whole took seconds at 2,000 trials
+    (benchmarks/big_study.py)."""
     from optuna.trial import TrialState
 
+    top = _top_trial_id(study)
+    if top is not None:
+        trial = study._storage.get_trial(top)
+        if "checkpoint" in trial.user_attrs:
+            return trial
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
@@ -148,6 +157,33 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
             "run `search worker` first"
         )
     return max(complete, key=lambda t: (t.value, -t.number))
+
+
+def _top_trial_id(study: optuna.Study) -> int | None:
+    """Id of the complete trial with the highest finite value, lowest number first among
+    equals (Optuna's own get_best_trial leaves ties open); None off RDB storage."""
+    from optuna.storages import RDBStorage
+    from optuna.storages._rdb import models
+    from optuna.trial import TrialState
+
+    storage = getattr(study._storage, "_backend", study._storage)  # behind Optuna's cache
+    if not isinstance(storage, RDBStorage):
+        return None
+    trials, values = models.TrialModel.__table__, models.TrialValueModel.__table__
+    query = (
+        sa.select(trials.c.trial_id)
+        .join(values, values.c.trial_id == trials.c.trial_id)
+        .where(
+            trials.c.study_id == study._study_id,
+            trials.c.state == TrialState.COMPLETE,
+            values.c.objective == 0,
+            values.c.value_type == models.TrialValueModel.TrialValueType.FINITE,
+        )
+        .order_by(values.c.value.desc(), trials.c.number.asc())
+        .limit(1)
+    )
+    with storage.engine.connect() as conn:
+        return conn.execute(query).scalar()
 
 
 def assemble(
@@ -296,9 +332,10 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
             },
             "test": evaluation["metrics"],
             "previous": comparison,
-            "n_trials": len(study.trials),
         }
-        card = model_card(info, evaluation, search_budget(study), data.info)
+        budget = search_budget(study)
+        info["n_trials"] = budget["n_trials"]
+        card = model_card(info, evaluation, budget, data.info)
         (staging / CARD_FILE).write_text(card, encoding="utf-8")
         (staging / INFO_FILE).write_text(json.dumps(info, indent=2, default=str))
         os.chmod(staging, 0o755)  # mkdtemp made it private; a version is for every reader
@@ -370,8 +407,11 @@ def _compare_with_current(
 
 
 def search_budget(study: optuna.Study) -> dict[str, Any]:
-    """Trials by state, training time summed over trials, and the wall time of the search."""
-    trials = study.get_trials(deepcopy=False)
+    """Trials by state, training time summed over trials, and the wall time of the search:
+    from each trial's state and times only (search.status.trial_times, one query)."""
+    from search.status import trial_times
+
+    trials = trial_times(getattr(study._storage, "_backend", study._storage), study)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     spent = [
@@ -380,6 +420,7 @@ def search_budget(study: optuna.Study) -> dict[str, Any]:
         if t.datetime_start and t.datetime_complete
     ]
     return {
+        "n_trials": len(trials),
         "states": dict(Counter(t.state.name for t in trials)),
         "trial_seconds": round(sum(spent), 1) if spent else None,
         "wall_seconds": round((max(ends) - min(starts)).total_seconds(), 1)

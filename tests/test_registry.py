@@ -284,3 +284,39 @@ def test_promotions_recorded_in_postgresql(settings: Settings, ws: Path, postgre
     assert entries[-1]["current"] and entries[0]["at"].endswith("Z")
     # The SQLite study file knows nothing of these promotions.
     assert [e["action"] for e in history(settings)] == ["local", "local"]
+
+
+@pytest.mark.parametrize("backend", ["postgresql", "sqlite"])
+def test_best_trial_by_one_query_ties_to_the_lowest_number_and_needs_a_checkpoint(
+    backend: str, tmp_path: Path
+) -> None:
+    """What promote-best picks, without reading the whole study: the highest value, the lowest
+    number among equals, and only a trial with a checkpoint; the budget counts every trial."""
+    from search.registry import best_trial, search_budget
+    from search.study import create_or_load
+    from tests.test_postgres import fresh_database
+
+    with fresh_database() as url:
+        if backend == "sqlite":
+            url = f"sqlite:///{tmp_path / 'best.sqlite3'}"
+        settings = Settings(storage=url, study="best")
+        study = create_or_load(open_storage(settings, heartbeat=False), settings)
+
+        def told(value: float | None, checkpoint: bool = True) -> None:
+            trial = study.ask()
+            if checkpoint:
+                trial.set_user_attr("checkpoint", f"artifact-{trial.number}")
+            if value is None:
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                study.tell(trial, value)
+
+        for value in (0.5, 0.9, 0.9, None):
+            told(value)
+        assert best_trial(study).number == 1  # 1 and 2 tie: the earlier one
+        told(0.95, checkpoint=False)  # the best value, but nothing to promote
+        assert best_trial(study).number == 1
+        told(0.97)
+        assert best_trial(study).number == 5
+        budget = search_budget(study)
+        assert budget["n_trials"] == 6 and budget["states"] == {"COMPLETE": 5, "PRUNED": 1}
