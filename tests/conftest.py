@@ -42,10 +42,26 @@ def prepared_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "prepared"
 
 
+@pytest.fixture(scope="session")
+def shared_features(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One feature cache for every workspace of this run, also across pytest-xdist processes:
+    the workspaces hold the same prepared data, so each backbone's features are computed once
+    (under the cache's own lock) instead of once per test. tests/test_features.py tests the
+    cache itself in folders of its own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # this run's folder, shared by its xdist processes
+    folder = base / "shared-features"
+    folder.mkdir(exist_ok=True)
+    return folder
+
+
 @pytest.fixture()
-def workspace(tmp_path: Path, prepared_dir: Path) -> Path:
-    """A project-like folder: its own study_db/, models/, feature cache and a fast space file."""
+def workspace(tmp_path: Path, prepared_dir: Path, shared_features: Path) -> Path:
+    """A project-like folder: its own study_db/, models/ and a fast space file; its feature
+    cache folder is the run's shared one."""
     shutil.copytree(prepared_dir, tmp_path / "data" / "prepared")
+    (tmp_path / "data" / "features").symlink_to(shared_features, target_is_directory=True)
     (tmp_path / "space.toml").write_text(FAST_SPACE)
     return tmp_path
 
