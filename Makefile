@@ -9,7 +9,7 @@ DEMO_ENV := SEARCH_STORAGE=sqlite:///study_db/demo.sqlite3 SEARCH_STUDY=demo \
 	SEARCH_MODELS_DIR=data/demo/models SEARCH_ARTIFACTS_DIR=data/demo/artifacts
 DEMO_WORKER := --n-trials 24 --max-epochs 20 --space configs/demo_space.toml
 
-.PHONY: install demo test lint bench clean-demo
+.PHONY: install demo test lint bench clean-demo rehearsal
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -51,3 +51,17 @@ lint: install
 
 bench: install
 	$(BIN)/python benchmarks/feature_cache.py
+
+# The compose fleet in real containers (its own dockerd, images built here): docs/fleet.md.
+# Needs root; says so and skips (exit 0) where no Docker engine can start.
+.PHONY: fleet-test
+fleet-test: install
+	$(BIN)/python fleet/fleet_test.py
+
+# Full-size rehearsal (about an hour on 2 cores): a generated set of the real shape (202 families,
+# 11,983 full-size photos) through synth, prepare, 2 workers, promote, evaluate, predict, status
+# and the species-held-out check; one table of wall time, throughput, RSS and disk per phase.
+# Resumes from benchmarks/results/full_scale/phases.json; see benchmarks/README.md.
+rehearsal: install
+	mkdir -p benchmarks/results
+	$(BIN)/python benchmarks/full_scale.py 2>&1 | tee -a benchmarks/results/full_scale.log

