@@ -87,7 +87,25 @@ def cmd_worker(args: argparse.Namespace) -> int:
     report = run_worker(_settings(args), args.n_trials, args.timeout, stop)
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(report.trials.items()))
     print(f"worker done ({report.stopped_by}) in {report.seconds:.0f}s: {counts or 'no trials'}")
+    if report.stopped_by == "memory":
+        _start_afresh(args.timeout, report.seconds)
     return 0
+
+
+def _start_afresh(timeout: float | None, spent: float) -> None:
+    """Replace this process with the same worker command (os.execv: the same PID, so compose
+    and tini see one worker): its memory starts from nothing, the study's budget carries on,
+    and a --timeout keeps counting from the first start."""
+    argv = list(sys.argv)
+    if timeout is not None:
+        if "--timeout" in argv:
+            at = argv.index("--timeout")
+            del argv[at : at + 2]
+        argv = [a for a in argv if not a.startswith("--timeout=")]
+        argv += ["--timeout", f"{max(1.0, timeout - spent):.0f}"]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, *argv])
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

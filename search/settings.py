@@ -39,6 +39,9 @@ class Settings:
     gpu_lock_dir: Path = Path("/tmp/search-gpu-locks")
     gpus: str = ""
     gpu_wait: bool = True
+    # Past this resident size between trials, `search worker` starts itself afresh (same
+    # command, same PID): TensorFlow keeps a few MB of every trial's model for good.
+    worker_max_rss_mb: int = 5000
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod

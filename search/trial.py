@@ -141,7 +141,15 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     ]
     if kind == "head":
         fit_on_table(
-            model, train_views, train_y, weights, params, settings.max_epochs, callbacks, seed
+            model,
+            train_views,
+            train_y,
+            weights,
+            params,
+            settings.max_epochs,
+            callbacks,
+            seed,
+            table_key=feats.key,
         )
     else:
         model.compile(optimizer=make_optimizer(params), loss=make_loss(params))
@@ -191,11 +199,13 @@ def fit_on_table(
     epochs: int,
     callbacks: list[keras.callbacks.Callback],
     seed: int,
+    table_key: str | None = None,
 ) -> None:
     """Train `model` on every example of `views` (V, n, ...) in one `fit`: the table goes to the
     backend once, each step gathers its examples there, and a whole epoch runs per execution
-    where the backend allows (the PyTorch backend runs one step per call)."""
-    table = FeatureTable(views, seed=seed, name="train_table")
+    where the backend allows (the PyTorch backend runs one step per call). With `table_key`
+    (the feature cache's key) the table is made once per process and kept for later trials."""
+    table = feature_table(views, seed, table_key)
     index = keras.Input(shape=(), dtype="int32", name="example")
     trainer = keras.Model(index, model(table(index)), name="table_trainer")
     n = int(views.shape[1])
@@ -220,6 +230,25 @@ def fit_on_table(
     )
 
 
+_TABLES: dict[str, FeatureTable] = {}
+
+
+def feature_table(views: np.ndarray, seed: int, key: str | None) -> FeatureTable:
+    """The trial's feature table, its random choice of views started from `seed`. One table per
+    feature cache and process, kept for every later trial: TensorFlow never frees a table made
+    for a trial, so a worker grew by the table's size with every trial (70 MB at 202 families:
+    3 views x 8,664 images x 1,280 float16; benchmarks/full_scale.py) and passed 6 GB within
+    a hundred trials. A kept table holds the same values and is reseeded, so the trial learns
+    exactly what it would with a new one (`search rerun` checks this)."""
+    if key is None:
+        return FeatureTable(views, seed=seed, name="train_table")
+    table = _TABLES.get(key)
+    if table is None or (table.n_views, table.n_examples) != views.shape[:2]:
+        table = _TABLES[key] = FeatureTable(views, seed=seed, name="train_table")
+    table.reseed(seed)
+    return table
+
+
 class FeatureTable(keras.layers.Layer):
     """Every cached view of the training features, held by the backend for the whole trial.
 
@@ -237,6 +266,11 @@ class FeatureTable(keras.layers.Layer):
         )
         self.table.assign(flat)
         self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def reseed(self, seed: int) -> None:
+        """The state a new SeedGenerator(seed) starts from."""
+        state = self.seed_generator.state
+        state.assign(keras.ops.convert_to_tensor([seed, 0], dtype=state.dtype))
 
     def call(self, index: Any, training: bool = False) -> Any:
         index = keras.ops.cast(index, "int32")

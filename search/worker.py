@@ -71,6 +71,15 @@ class WorkerReport:
     gpu: str | None = None
 
 
+def rss_mb() -> float:
+    """This process's resident memory (Linux; 0 where /proc is missing)."""
+    try:
+        with open("/proc/self/statm") as handle:
+            return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return 0.0
+
+
 def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -217,6 +226,13 @@ def _run(
                 if len(counts) - waiting >= n_trials and not waiting:
                     break  # queued retries and re-runs still run after the budget is met
             if max_trials_here is not None and sum(report.trials.values()) >= max_trials_here:
+                break
+            if report.trials and rss_mb() > settings.worker_max_rss_mb:
+                log(
+                    f"worker: {rss_mb():.0f} MB resident after {sum(report.trials.values())} "
+                    f"trials (limit {settings.worker_max_rss_mb} MB): starting afresh"
+                )
+                report.stopped_by = "memory"
                 break
             study.optimize(
                 run_one,

@@ -60,3 +60,34 @@ def test_three_workers_started_together_share_one_fresh_sqlite_study(workspace: 
         study.user_attrs["data_hash"]
         and study.user_attrs["versions"]["optuna"] == optuna.__version__
     )
+
+
+def test_a_worker_past_its_memory_limit_starts_afresh_as_the_same_process(
+    workspace: Path,
+) -> None:
+    """TensorFlow keeps a few MB of every trial's model: past SEARCH_WORKER_MAX_RSS_MB a worker
+    replaces itself between trials (same PID, same command) and the study's budget carries on.
+    A 1 MB limit makes it start afresh after its first trial; after the second the budget is
+    spent and it stops."""
+    (workspace / "head_space.toml").write_text(
+        '[space]\nbackbone = ["efficientnet_lite0"]\nn_layers = {low = 1, high = 1}\n'
+    )
+    env = search_env(
+        workspace,
+        SEARCH_WORKER_MAX_RSS_MB="1",
+        SEARCH_MAX_EPOCHS="2",
+        SEARCH_PRUNER="none",
+        SEARCH_SPACE_FILE=str(workspace / "head_space.toml"),
+    )
+    done = subprocess.run(
+        [SEARCH, "worker", "--n-trials", "2", "--timeout", "600"],
+        env=env, cwd=workspace, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("starting afresh") == 1, done.stderr[-3000:]
+    assert done.stdout.count("worker done (memory)") == 1
+    assert done.stdout.count("worker done (budget)") == 1
+    settings = Settings.load(environ=env)
+    trials = load(open_storage(settings, heartbeat=False), settings).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
+    assert trials[0].user_attrs["worker"] == trials[1].user_attrs["worker"]  # host:pid
