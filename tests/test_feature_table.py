@@ -39,14 +39,15 @@ def test_a_kept_table_is_reseeded_and_learns_what_a_new_one_does() -> None:
 
 
 def test_memory_stays_flat_over_trials_on_one_feature_cache() -> None:
-    """Six trials on a 49 MB table: a new table per trial grew the process by about the
-    table's size every trial (TensorFlow never freed it); a kept one adds little."""
+    """Six trials on a 98 MB table: a new table per trial grew the process by about the
+    table's size every trial (TensorFlow never freed it, 600 MB here); a kept one adds what
+    TensorFlow keeps of every fitted model, a few MB a trial."""
     rng = np.random.default_rng(0)
-    views = rng.normal(size=(3, 8000, 1024)).astype(np.float16)
+    views = rng.normal(size=(3, 8000, 2048)).astype(np.float16)
     labels = rng.integers(0, 5, 8000)
     trained_weights(views, labels, seed=0, key="flat")
     before = rss_mb()
     for seed in range(1, 7):
         trained_weights(views, labels, seed=seed, key="flat")
     grown = rss_mb() - before
-    assert grown < 1.5 * views.nbytes / 1e6, f"grew {grown:.0f} MB over 6 trials"
+    assert grown < 2 * views.nbytes / 1e6, f"grew {grown:.0f} MB over 6 trials"
