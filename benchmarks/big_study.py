@@ -31,7 +31,7 @@ plots (history, intermediate values, timeline, importance, curves-best), and unt
 page shows its learning curve (CPU: all Chromium's processes); promote = `promote-best`
 as a subprocess; promote reads = its storage reads alone (best_trial, search_budget,
 len(study.trials)); remedy reads = the same answers by study.best_trial and one query of three
-columns (search.status.trial_times), as proposed for search/registry.py; DB MB = the study's
+columns (search.status.trial_times), what search/registry.py now does; DB MB = the study's
 size (SQLite file; PostgreSQL database, restored from its dump, so without dead rows).
 """
 
@@ -479,14 +479,15 @@ def measure_promote(settings: Settings, repeats: int) -> dict[str, Any]:
         storage.engine.dispose()
 
     def light_part() -> None:
-        """The remedy proposed for search/registry.py: the best trial by one indexed query
-        (study.best_trial), the budget from states and times (search.status.trial_times)."""
+        """What search/registry.py now reads (it was the remedy this benchmark measured): the
+        best trial by one indexed query, the budget from states and times
+        (search.status.trial_times)."""
         from search.status import trial_times
 
         storage = open_storage(settings, heartbeat=False)
         study = load(storage, settings)
         assert "checkpoint" in study.best_trial.user_attrs
-        trial_times(storage, study)
+        trial_times(study)
         storage.engine.dispose()
 
     part, part_cpu, _ = median_time(storage_part, repeats)

@@ -162,12 +162,13 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
 def _top_trial_id(study: optuna.Study) -> int | None:
     """Id of the complete trial with the highest finite value, lowest number first among
     equals (Optuna's own get_best_trial leaves ties open); None off RDB storage."""
-    from optuna.storages import RDBStorage
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
 
-    storage = getattr(study._storage, "_backend", study._storage)  # behind Optuna's cache
-    if not isinstance(storage, RDBStorage):
+    from search.study import rdb_behind
+
+    storage = rdb_behind(study._storage)
+    if storage is None:
         return None
     trials, values = models.TrialModel.__table__, models.TrialValueModel.__table__
     query = (
@@ -411,7 +412,7 @@ def search_budget(study: optuna.Study) -> dict[str, Any]:
     from each trial's state and times only (search.status.trial_times, one query)."""
     from search.status import trial_times
 
-    trials = trial_times(getattr(study._storage, "_backend", study._storage), study)
+    trials = trial_times(study)
     starts = [t.datetime_start for t in trials if t.datetime_start]
     ends = [t.datetime_complete for t in trials if t.datetime_complete]
     spent = [

@@ -20,7 +20,7 @@ from optuna.storages._rdb import models
 from optuna.trial import FrozenTrial, TrialState
 
 from search.settings import Settings
-from search.study import OBJECTIVE_NAME, load, open_storage, redact, with_retries
+from search.study import OBJECTIVE_NAME, load, open_storage, rdb_behind, redact, with_retries
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 
@@ -30,7 +30,7 @@ def collect(settings: Settings, now: datetime | None = None) -> dict[str, Any]:
     storage = open_storage(settings)  # with heartbeats: fail_stale_trials needs them
     study = load(storage, settings)
     with_retries(lambda: fail_stale_trials(study), "failing stale trials")
-    trials = with_retries(lambda: trial_times(storage, study), "reading trials")
+    trials = with_retries(lambda: trial_times(study), "reading trials")
     names = with_retries(lambda: study.metric_names, "reading the objective's name")
     now = now or datetime.now()
     report: dict[str, Any] = {
@@ -69,12 +69,13 @@ class TrialTimes(NamedTuple):
     datetime_complete: datetime | None
 
 
-def trial_times(storage: Any, study: optuna.Study) -> Sequence[TrialTimes | FrozenTrial]:
+def trial_times(study: optuna.Study) -> Sequence[TrialTimes | FrozenTrial]:
     """Every trial's state and times: one query of three columns on RDB storage. Whole trials
     (parameters with their distributions, attributes, every intermediate value) took 95% of
     `status` at 1,000 trials, seconds at 2,000 (benchmarks/big_study.py). Other storages (the
     gRPC proxy) give whole trials."""
-    if not isinstance(storage, RDBStorage):
+    storage = rdb_behind(study._storage)
+    if storage is None:
         return study.get_trials(deepcopy=False)
     table = models.TrialModel.__table__
     query = sa.select(table.c.state, table.c.datetime_start, table.c.datetime_complete).where(

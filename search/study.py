@@ -253,10 +253,18 @@ class ResilientRDBStorage(RDBStorage):
             )
 
 
+def rdb_behind(storage: optuna.storages.BaseStorage) -> RDBStorage | None:
+    """The RDB storage behind Optuna's trial cache (`study._storage`, `trial.storage`), for
+    what Optuna's API cannot do in one query or one transaction; None on any other storage
+    (the gRPC proxy, in-memory studies)."""
+    backend = getattr(storage, "_backend", storage)
+    return backend if isinstance(backend, RDBStorage) else None
+
+
 def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     """Set a running trial's user attributes together: one transaction on our RDB storage, one
     by one on any other (the gRPC proxy, in-memory studies). `trial.user_attrs` shows them."""
-    backend = getattr(trial.storage, "_backend", trial.storage)  # behind Optuna's cache
+    backend = rdb_behind(trial.storage)
     if not isinstance(backend, ResilientRDBStorage):
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
@@ -269,7 +277,7 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
 def params_together(trial: optuna.Trial) -> Iterator[None]:
     """Write the parameters a trial suggests within the block in one transaction on our RDB
     storage (see ResilientRDBStorage.params_together); one by one on any other."""
-    backend = getattr(trial.storage, "_backend", trial.storage)  # behind Optuna's cache
+    backend = rdb_behind(trial.storage)
     if not isinstance(backend, ResilientRDBStorage):
         yield
         return

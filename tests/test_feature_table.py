@@ -7,14 +7,10 @@ import keras
 import numpy as np
 
 from search.trial import build_head, feature_table, fit_on_table
+from search.worker import rss_mb
 from tests.conftest import HEAD
 
 PARAMS = {**HEAD, "units_0": 32, "dropout_0": 0.2, "batch_size": 64}
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as handle:
-        return int(handle.read().split()[1]) * 4096 / 1e6
 
 
 def trained_weights(views: np.ndarray, labels: np.ndarray, seed: int, key: str | None) -> list:
@@ -50,4 +46,4 @@ def test_memory_stays_flat_over_trials_on_one_feature_cache() -> None:
     for seed in range(1, 7):
         trained_weights(views, labels, seed=seed, key="flat")
     grown = rss_mb() - before
-    assert grown < 2 * views.nbytes / 1e6, f"grew {grown:.0f} MB over 6 trials"
+    assert grown < 2 * views.nbytes / 2**20, f"grew {grown:.0f} MB over 6 trials"

@@ -73,8 +73,7 @@ def test_status_does_not_load_every_trial(tmp_path: Path, monkeypatch: pytest.Mo
 
 def test_trial_times_are_the_trials_states_and_times(tmp_path: Path) -> None:
     settings, study = small_study(tmp_path)
-    storage = open_storage(settings, heartbeat=False)
-    light = sorted(trial_times(storage, study), key=lambda t: (t.datetime_start is None,
+    light = sorted(trial_times(study), key=lambda t: (t.datetime_start is None,
                                                                 t.datetime_start))  # fmt: skip
     whole = sorted(study.get_trials(deepcopy=False), key=lambda t: (t.datetime_start is None,
                                                                     t.datetime_start))  # fmt: skip
