@@ -94,7 +94,7 @@ def main() -> None:
     times: dict[str, float] = {}
     cache_root = Path(tempfile.mkdtemp(prefix="features-", dir=WORK))
     try:
-        log("computing the feature cache (plain view only)")
+        log("computing the feature cache (plain view; val and test also mirrored)")
         with timed(times, "extract"):
             feats = features.load_or_compute(
                 data, BACKBONE, "imagenet", cache_root, views=0, seed=0, log=log

@@ -536,7 +536,8 @@ def extract(backbone: str, data_dir: Path, features_dir: Path, result: Path, raw
     out["meta"] = {k: meta.get(k) for k in ("seconds", "images_per_second", "counts", "views")}
     out["meta"]["feature_dim"] = feats.dim
     out["forward_passes"] = int(
-        feats.train.shape[0] * feats.train.shape[1] + len(feats.val) + len(feats.test)
+        feats.train.shape[0] * feats.train.shape[1]
+        + 2 * (len(feats.val) + len(feats.test))  # val and test, plain and mirrored
     )
     out["images_s"] = out["forward_passes"] / out["wall_s"]
     out["images_per_cpu_s"] = out["forward_passes"] / out["cpu_s"]

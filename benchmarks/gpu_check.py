@@ -69,7 +69,9 @@ def main() -> None:
         feats = features.load_or_compute(data, BACKBONE, "imagenet", work / "features",
                                          views=2, seed=0, log=log)  # fmt: skip
         extract_s = time.perf_counter() - t
+        mirrored = len(feats.val_flip) + len(feats.test_flip)
         n_images = feats.train.shape[0] * feats.train.shape[1] + len(feats.val) + len(feats.test)
+        n_images += mirrored
         rate = n_images / extract_s
         print(f"extraction: {n_images} images in {extract_s:.1f}s = {rate:.0f} images/s; "
               f"raw forward {raw:.0f} images/s ({rate / raw:.0%})")  # fmt: skip

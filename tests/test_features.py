@@ -199,6 +199,55 @@ def test_a_damaged_cache_is_computed_again(data: PreparedData, tmp_path: Path) -
     assert list(tmp_path.glob(f".*{features.PARTIAL}*")) == []
 
 
+def test_val_and_test_are_also_stored_mirrored_left_right(
+    data: PreparedData, tmp_path: Path
+) -> None:
+    lines: list[str] = []
+    feats = features.load_or_compute(
+        data, BACKBONE, "imagenet", tmp_path, views=0, batch_size=48, log=lines.append
+    )
+    n = {s: len(data.indices(s)) for s in features.SPLITS}
+    # One pass computed them all, and its log line counts the mirrored images.
+    computing = [line for line in lines if ": computing " in line]
+    assert len(computing) == 1
+    assert f"computing {n['train'] + 2 * n['val'] + 2 * n['test']} embeddings" in computing[0]
+    assert feats.meta["flip_views"] == ["val", "test"]
+
+    model = build_backbone(BACKBONE, data.image_size, "imagenet")
+    for split in features.FLIP_SPLITS:
+        flipped = getattr(feats, f"{split}_flip")
+        plain = getattr(feats, split).astype(np.float32)
+        assert flipped.dtype == np.float16 and flipped.shape == (n[split], 1280)
+        images, _ = data.arrays(split)
+        mirrored = features.embed(model, np.ascontiguousarray(images[:, :, ::-1]), 17)
+        np.testing.assert_allclose(flipped, mirrored, rtol=2e-3, atol=2e-3)
+        np.testing.assert_allclose(
+            features.embed(model, images, 17, view=features.FLIP), mirrored, rtol=1e-5, atol=1e-5
+        )
+        # A mirror is not a no-op: where the image is not symmetric, its embedding moves.
+        asymmetric = np.array([not np.array_equal(im, im[:, ::-1]) for im in images])
+        assert asymmetric.all()
+        moved = np.abs(flipped.astype(np.float32) - plain).mean(axis=1)
+        assert (moved > 0.01 * np.abs(plain).mean(axis=1)).all()
+
+
+def test_a_cache_without_its_mirrored_views_is_computed_again(
+    data: PreparedData, tmp_path: Path
+) -> None:
+    feats = features.load_or_compute(data, BACKBONE, "imagenet", tmp_path, views=0)
+    (feats.path / "val_flip.npy").unlink()  # as a cache written before the mirrored views
+    del feats
+    lines: list[str] = []
+    again = features.load_or_compute(
+        data, BACKBONE, "imagenet", tmp_path, views=0, log=lines.append
+    )
+    assert any("damaged" in line for line in lines), lines
+    assert sum(": computing " in line for line in lines) == 1
+    assert again.val_flip.shape == (len(data.indices("val")), 1280)
+    assert (again.path / "val_flip.npy").exists()
+    assert list(tmp_path.glob(f".*{features.PARTIAL}*")) == []
+
+
 def test_an_unusable_cache_folder_is_a_one_line_error(data: PreparedData, tmp_path: Path) -> None:
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
