@@ -2,7 +2,9 @@
 
 Every backbone takes raw RGB pixels in [0, 255] (float or uint8) and returns a pooled feature
 vector. Normalisation lives inside the model as standard Keras layers, so a saved end-to-end
-champion loads without custom objects and callers never preprocess by hand.
+champion loads without custom objects and callers never preprocess by hand. EfficientNet,
+EfficientNetV2 and ConvNeXt carry their own (keras.applications' preprocess_input is a
+pass-through for them), so they get no extra layer ("raw").
 """
 
 from __future__ import annotations
@@ -28,53 +30,56 @@ class BackboneSpec:
     frozen: bool  # frozen bases are run once per image (feature cache); others train end to end
     source: str  # "keras" (keras.applications), "ported" (offline .pth wheels), "scratch"
     preprocess: str  # "tf" (x/127.5-1), "caffe" (BGR - mean), "torch" (mean/std), "raw", "unit"
+    dim: int  # length of the pooled feature vector the backbone returns
     keras_fn: str = ""  # keras.applications constructor name
     notop_file: str = ""  # file name of keras.applications ImageNet weights without top
+
+
+def _keras(name: str, preprocess: str, dim: int, keras_fn: str, notop_file: str) -> BackboneSpec:
+    """A frozen keras.applications backbone."""
+    return BackboneSpec(name, True, "keras", preprocess, dim, keras_fn, notop_file)
 
 
 BACKBONES: dict[str, BackboneSpec] = {
     spec.name: spec
     for spec in [
-        BackboneSpec("baseline_cnn", frozen=False, source="scratch", preprocess="unit"),
-        BackboneSpec(
+        BackboneSpec("baseline_cnn", frozen=False, source="scratch", preprocess="unit", dim=256),
+        _keras(
             "mobilenet_v2",
-            True,
-            "keras",
             "tf",
+            1280,
             "MobileNetV2",
             "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}_no_top.h5",
         ),
-        BackboneSpec(
-            "efficientnet_b0", True, "keras", "raw", "EfficientNetB0", "efficientnetb0_notop.h5"
-        ),
-        BackboneSpec(
+        _keras("efficientnet_b0", "raw", 1280, "EfficientNetB0", "efficientnetb0_notop.h5"),
+        _keras(
             "resnet50",
-            True,
-            "keras",
             "caffe",
+            2048,
             "ResNet50",
             "resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
-        BackboneSpec(
+        _keras(
             "densenet121",
-            True,
-            "keras",
             "torch",
+            1024,
             "DenseNet121",
             "densenet121_weights_tf_dim_ordering_tf_kernels_notop.h5",
         ),
-        BackboneSpec(
-            "vgg16",
-            True,
-            "keras",
-            "caffe",
-            "VGG16",
-            "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
-        ),
-        BackboneSpec("efficientnet_lite0", True, "ported", "ported"),
-        BackboneSpec("efficientnet_lite1", True, "ported", "ported"),
-        BackboneSpec("efficientnet_lite2", True, "ported", "ported"),
-        BackboneSpec("mobilenet_v2_tv", True, "ported", "ported"),
+        _keras("vgg16", "caffe", 512, "VGG16", "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        # Keras names these weight files after the model: efficientnetv2-b0, convnext_tiny, ...
+        _keras("efficientnet_v2_b0", "raw", 1280, "EfficientNetV2B0", "efficientnetv2-b0_notop.h5"),
+        _keras("efficientnet_v2_b1", "raw", 1280, "EfficientNetV2B1", "efficientnetv2-b1_notop.h5"),
+        _keras("efficientnet_v2_b2", "raw", 1408, "EfficientNetV2B2", "efficientnetv2-b2_notop.h5"),
+        _keras("efficientnet_v2_b3", "raw", 1536, "EfficientNetV2B3", "efficientnetv2-b3_notop.h5"),
+        _keras("efficientnet_v2_s", "raw", 1280, "EfficientNetV2S", "efficientnetv2-s_notop.h5"),
+        _keras("convnext_tiny", "raw", 768, "ConvNeXtTiny", "convnext_tiny_notop.h5"),
+        _keras("convnext_small", "raw", 768, "ConvNeXtSmall", "convnext_small_notop.h5"),
+        _keras("convnext_base", "raw", 1024, "ConvNeXtBase", "convnext_base_notop.h5"),
+        BackboneSpec("efficientnet_lite0", True, "ported", "ported", 1280),
+        BackboneSpec("efficientnet_lite1", True, "ported", "ported", 1280),
+        BackboneSpec("efficientnet_lite2", True, "ported", "ported", 1280),
+        BackboneSpec("mobilenet_v2_tv", True, "ported", "ported", 1280),
     ]
 }
 
