@@ -109,16 +109,17 @@ def _start_afresh(timeout: float | None, spent: float) -> None:
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
-    from search.registry import promote_best
+    from search.registry import describe_champion, promote_best
 
     settings = _settings(args)
-    result = promote_best(settings, force=args.force)
+    result = promote_best(settings, force=args.force, ensemble=args.ensemble, tta=args.tta)
+    what = describe_champion(result)
     if not result["promoted"]:
-        print(f"trial {result['trial']} of study {result['study']} is already the champion")
+        print(f"{what} of study {result['study']} is already the champion")
         return 0
     test = result["test"]
     print(
-        f"promoted trial {result['trial']} ({result['backbone']}) of study {result['study']} "
+        f"promoted {what} of study {result['study']} "
         f"as {result['version']}: test accuracy {test['accuracy']:.3f}, "
         f"macro-F1 {test['macro_f1']:.3f}, top-5 {test['top5_accuracy']:.3f}"
     )
@@ -133,6 +134,20 @@ def cmd_promote(args: argparse.Namespace) -> int:
     print(f"model card: {folder / 'MODEL_CARD.md'}")
     print(f"reports: {folder / 'reports' / 'index.html'} (confusion matrix, error gallery)")
     return 0
+
+
+def _ensemble_size(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        size = int(value)
+    except ValueError:
+        size = 0
+    if size < 1:
+        raise argparse.ArgumentTypeError(
+            f"expected a number of trials (1 or more) or auto, got {value!r}"
+        )
+    return size
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -308,6 +323,22 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("promote", help="promote the best trial to models/champion")
     _common(p)
     p.add_argument("--force", action="store_true", help="replace even a better champion")
+    p.add_argument(
+        "--ensemble",
+        type=_ensemble_size,
+        default=None,
+        metavar="K|auto",
+        help="promote the ensemble greedily selected (with replacement, on validation "
+        "probabilities) from the K best trials; auto: from the 10 best, only if it beats the "
+        "best trial on validation data it was not selected on",
+    )
+    p.add_argument(
+        "--tta",
+        choices=["none", "flip", "auto"],
+        default="none",
+        help="average each prediction with the mirrored photo's (flip), or when that scores "
+        "higher on validation (auto)",
+    )
     p.set_defaults(func=cmd_promote)
 
     p = sub.add_parser("predict", help="top-k families of photos from the champion")

@@ -109,7 +109,10 @@ def evaluate(probs: np.ndarray, split: HeldOutSplit) -> dict[str, Any]:
             "split": "test",
             "n_images": int(len(y_true)),
             "n_families": n_classes,
-            "metrics": compute_metrics(y_true, probs),
+            "metrics": {
+                **compute_metrics(y_true, probs),
+                "phylum_accuracy": phylum_accuracy(y_true, y_pred, split.phyla),
+            },
             "per_family": per_family,
             "per_phylum": _accuracy_by(
                 [split.phyla[c] for c in y_true], correct, "phylum", split.phyla
@@ -119,6 +122,13 @@ def evaluate(probs: np.ndarray, split: HeldOutSplit) -> dict[str, Any]:
             "confusion_matrix": {"labels": split.classes, "counts": counts.tolist()},
         }
     )
+
+
+def phylum_accuracy(y_true: np.ndarray, y_pred: np.ndarray, phyla: list[str]) -> float:
+    """Share of images whose predicted family is in the true family's phylum: how wrong the
+    wrong answers are (a phylum-aware head should keep them in the right phylum)."""
+    phylum = np.array(phyla)
+    return float(np.mean(phylum[y_pred] == phylum[y_true])) if len(y_true) else float("nan")
 
 
 def _accuracy_by(

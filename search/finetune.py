@@ -2,7 +2,7 @@
 to end at a low learning rate, to see whether it pays beyond the head alone.
 
 The best (or a chosen) complete trial of a frozen backbone is assembled into its end-to-end
-model (search.registry.assemble), the top K weighted layers of its backbone are unfrozen
+model (search.champion_model.assemble), the top K weighted layers of its backbone are unfrozen
 (BatchNormalization layers stay frozen, so they keep running on their ImageNet statistics), and
 it trains on the prepared images with the trial's loss, class weights and optimizer family.
 Validation macro-F1 is scored before training and after every epoch; the best epoch becomes a
@@ -30,11 +30,12 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import FrozenTrial, TrialState
 from optuna_dashboard import save_plotly_graph_object
 
+from search.champion_model import assemble
 from search.dataset import PreparedData, load_prepared
 from search.errors import ConfigError, RegistryError
 from search.metrics import compute_metrics, macro_f1
 from search.progress import Progress
-from search.registry import assemble, best_trial
+from search.registry import best_trial
 from search.settings import Settings
 from search.study import load, open_artifact_store, open_storage
 from search.trial import (

@@ -47,10 +47,8 @@ from search.errors import PromotionInProgress, RegistryError
 from search.settings import Settings
 
 if TYPE_CHECKING:
-    import keras
     import optuna
 
-    from search.dataset import PreparedData
     from search.evaluate import HeldOutSplit
 
 MODEL_FILE = "model.keras"
@@ -136,31 +134,38 @@ def load_champion(models_dir: Path, path: Path | None = None) -> Champion:
 
 def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     """The complete trial with the highest value and a checkpoint (the lowest number among
-    equals). On RDB storage one query finds it, and the whole study is read only when that
-    trial has no checkpoint: reading every trial whole took seconds at 2,000 trials
+    equals)."""
+    trials = top_trials(study, 1)
+    if not trials:
+        raise RegistryError(
+            f"study {study.study_name!r} has no complete trial to promote: "
+            "run `search worker` first"
+        )
+    return trials[0]
+
+
+def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
+    """The k best complete trials with a checkpoint, best first (the lowest number among
+    equals). On RDB storage one query finds them, and the whole study is read only when one
+    of them has no checkpoint: reading every trial whole took seconds at 2,000 trials
     (benchmarks/big_study.py)."""
     from optuna.trial import TrialState
 
-    top = _top_trial_id(study)
-    if top is not None:
-        trial = study._storage.get_trial(top)
-        if "checkpoint" in trial.user_attrs:
-            return trial
+    ids = _top_trial_ids(study, k)
+    if ids is not None:
+        found = [study._storage.get_trial(i) for i in ids]
+        if all("checkpoint" in t.user_attrs for t in found):
+            return found
     complete = [
         t
         for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
         if t.value is not None and "checkpoint" in t.user_attrs
     ]
-    if not complete:
-        raise RegistryError(
-            f"study {study.study_name!r} has no complete trial to promote: "
-            "run `search worker` first"
-        )
-    return max(complete, key=lambda t: (t.value, -t.number))
+    return sorted(complete, key=lambda t: (-t.value, t.number))[:k]
 
 
-def _top_trial_id(study: optuna.Study) -> int | None:
-    """Id of the complete trial with the highest finite value, lowest number first among
+def _top_trial_ids(study: optuna.Study, k: int) -> list[int] | None:
+    """Ids of the k complete trials with the highest finite values, lowest number first among
     equals (Optuna's own get_best_trial leaves ties open); None off RDB storage."""
     from optuna.storages._rdb import models
     from optuna.trial import TrialState
@@ -181,45 +186,10 @@ def _top_trial_id(study: optuna.Study) -> int | None:
             values.c.value_type == models.TrialValueModel.TrialValueType.FINITE,
         )
         .order_by(values.c.value.desc(), trials.c.number.asc())
-        .limit(1)
+        .limit(k)
     )
     with storage.engine.connect() as conn:
-        return conn.execute(query).scalar()
-
-
-def assemble(
-    trial: optuna.trial.FrozenTrial,
-    checkpoint: Path,
-    data: PreparedData,
-    settings: Settings,
-    study_attrs: dict[str, Any],
-) -> keras.Model:
-    """One end-to-end model taking raw RGB images: preprocessing + frozen backbone + head."""
-    import keras
-
-    from search.backbones import build_backbone
-    from search.features import feature_key
-
-    trained = keras.models.load_model(checkpoint, compile=False)
-    if trial.user_attrs.get("checkpoint_kind") == "full":
-        return trained
-    name = trial.params["backbone"]
-    weights = study_attrs["weights"]
-    seed = int(study_attrs["feature_seed"])
-    cached = (
-        Path(settings.features_dir)
-        / feature_key(data, name, weights, int(study_attrs["feature_views"]), seed)
-        / "backbone.weights.h5"
-    )
-    keras.utils.set_random_seed(seed)
-    if cached.exists():
-        backbone = build_backbone(name, data.image_size, "none")
-        backbone.load_weights(cached)
-    else:  # no feature cache here: rebuild the same weights from their source
-        backbone = build_backbone(name, data.image_size, weights)
-    inputs = keras.Input(shape=(data.image_size, data.image_size, 3), name="image")
-    outputs = trained(backbone(inputs))
-    return keras.Model(inputs, outputs, name=f"{name}_champion")
+        return list(conn.execute(query).scalars())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -244,20 +214,36 @@ def registry_lock(models_dir: Path, what: str) -> Iterator[None]:
         lock.release()
 
 
-def promote_best(settings: Settings, *, force: bool = False) -> dict[str, Any]:
-    """Promote the study's best complete trial to models/champion, atomically, with its
-    test-split evaluation, reports and model card; record it in the study's database."""
+def promote_best(
+    settings: Settings,
+    *,
+    force: bool = False,
+    ensemble: int | str | None = None,
+    tta: str = "none",
+) -> dict[str, Any]:
+    """Promote the study's best complete trial (or, with `ensemble`, the ensemble selected from
+    its best trials; with `tta`, averaged over the mirrored image: search.ensemble.choose) to
+    models/champion, atomically, with its test-split evaluation, reports and model card; record
+    it in the study's database."""
     models_dir = Path(settings.models_dir)
     with registry_lock(models_dir, "promote-best"):
         _log(f"promote: registry {models_dir} locked")
-        return _promote_locked(settings, models_dir, force)
+        return _promote_locked(settings, models_dir, force, ensemble, tta)
 
 
-def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[str, Any]:
+def _promote_locked(
+    settings: Settings,
+    models_dir: Path,
+    force: bool,
+    ensemble: int | str | None,
+    tta: str,
+) -> dict[str, Any]:
     import keras
     from optuna.artifacts import download_artifact
 
+    from search.champion_model import Member, build_champion
     from search.dataset import load_prepared
+    from search.ensemble import AUTO_LIBRARY, choose
     from search.evaluate import HeldOutSplit, score, with_version
     from search.reports import model_card, write_evaluation
     from search.study import load, open_artifact_store, open_storage, redact
@@ -265,37 +251,67 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
     storage = open_storage(settings, heartbeat=False)
     study = load(storage, settings)
     attrs = study.user_attrs
-    trial = best_trial(study)
+    if ensemble is None:
+        library_size = 1
+    else:
+        library_size = AUTO_LIBRARY if ensemble == "auto" else int(ensemble)
+    candidates = top_trials(study, library_size)
+    if not candidates:
+        best_trial(study)  # raises: nothing to promote
     data = load_prepared(settings.data_dir)
     if attrs.get("data_hash") != data.data_hash:
         raise RegistryError(
             f"{settings.data_dir} is not the data study {settings.study!r} was run on: "
             "prepare the same source again, or point --data-dir at it"
         )
+    store = open_artifact_store(settings)
+    choice = choose(study.study_name, candidates, store, ensemble, tta)
+    trial = choice.members[0][0]
     current = _current_info(models_dir)
     if (
         current
         and current.get("study") == study.study_name
-        and current.get("trial") == trial.number
+        and _signature(current) == (choice.signature())
     ):
         return {"promoted": False, "reason": "already champion", **current}
     history = history_dir(models_dir)
     history.mkdir(parents=True, exist_ok=True)
     _remove_stale(models_dir)
-    version = _new_version(history, study.study_name, trial.number)
+    label = (
+        f"ensemble{len(choice.members)}-{trial.number}" if choice.is_ensemble else str(trial.number)
+    )
+    version = _new_version(history, study.study_name, label + ("-tta" if choice.tta else ""))
+    make_up = {
+        "backbone": "+".join(dict.fromkeys(t.params["backbone"] for t, _ in choice.members)),
+        "kind": "ensemble" if choice.is_ensemble else "single",
+        "members": [
+            {
+                "trial": t.number,
+                "weight": w,
+                "backbone": t.params["backbone"],
+                "val_macro_f1": t.value,
+            }
+            for t, w in choice.members
+        ],
+        "tta": "flip" if choice.tta else "none",
+        "selection": choice.details,
+    }
     staging = Path(tempfile.mkdtemp(prefix=f".{version}.", dir=history))
     try:
-        _log(f"promote: assembling trial {trial.number} ({trial.params['backbone']})")
-        store = open_artifact_store(settings)
-        checkpoint = staging / "trial_checkpoint.keras"
-        download_artifact(
-            artifact_store=store,
-            file_path=str(checkpoint),
-            artifact_id=trial.user_attrs["checkpoint"],
-        )
+        _log(f"promote: assembling {describe_champion(make_up)}")
+        members = []
+        for member, weight in choice.members:
+            checkpoint = staging / f"trial_{member.number}_checkpoint.keras"
+            download_artifact(
+                artifact_store=store,
+                file_path=str(checkpoint),
+                artifact_id=member.user_attrs["checkpoint"],
+            )
+            members.append(Member(member, checkpoint, weight))
         keras.backend.clear_session()
-        model = assemble(trial, checkpoint, data, settings, attrs)
-        checkpoint.unlink()
+        model = build_champion(members, data, settings, attrs, tta=choice.tta)
+        for member in members:
+            member.checkpoint.unlink()
         model.save(staging / MODEL_FILE)
         del model
         # Judge exactly what is stored: the saved file, loaded back as `search predict` will.
@@ -317,7 +333,7 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
             "storage": redact(settings.storage),
             "promoted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "promoted_by": who(),
-            "backbone": trial.params["backbone"],
+            **make_up,
             "weights": attrs.get("weights"),
             "image_size": data.image_size,
             "classes": data.classes,
@@ -330,7 +346,9 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
                 k.removeprefix("val_"): v
                 for k, v in trial.user_attrs.items()
                 if k.startswith("val_")
-            },
+            }
+            if not (choice.is_ensemble or choice.tta)
+            else {"macro_f1": choice.val_macro_f1},
             "test": evaluation["metrics"],
             "previous": comparison,
         }
@@ -354,9 +372,29 @@ def _promote_locked(settings: Settings, models_dir: Path, force: bool) -> dict[s
     return {"promoted": True, **info}
 
 
-def _new_version(history: Path, study: str, trial: int) -> str:
+def _signature(info: dict[str, Any]) -> dict[str, Any]:
+    """search.ensemble.Choice.signature() of a promoted champion (older ones: one trial)."""
+    members = info.get("members") or [{"trial": info.get("trial"), "weight": 1.0}]
+    return {
+        "members": [[m["trial"], round(float(m["weight"]), 6)] for m in members],
+        "tta": info.get("tta", "none"),
+    }
+
+
+def describe_champion(info: dict[str, Any]) -> str:
+    """'trial 7 (efficientnet_lite0)', or an ensemble's members and weights; + TTA."""
+    members = info.get("members") or [{"trial": info["trial"], "weight": 1.0}]
+    if len(members) > 1:
+        parts = ", ".join(f"{m['trial']} x{m['weight']:.2f}" for m in members)
+        text = f"an ensemble of {len(members)} trials ({parts}; {info['backbone']})"
+    else:
+        text = f"trial {members[0]['trial']} ({info['backbone']})"
+    return text + (" with flip TTA" if info.get("tta") == "flip" else "")
+
+
+def _new_version(history: Path, study: str, label: str) -> str:
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
-    version = f"{stamp}-{study}-{trial}"
+    version = f"{stamp}-{study}-{label}"
     if (history / version).exists():
         version = f"{version}-{uuid.uuid4().hex[:6]}"
     return version

@@ -68,6 +68,7 @@ HEADLINE = (
     ("weighted_f1", "weighted F1"),
     ("auc", "one-vs-rest AUC"),
     ("loss", "log loss"),
+    ("phylum_accuracy", "phylum accuracy (of the predicted family)"),
 )
 # Click a heading of a table.sortable to sort its rows by that column (again: reversed).
 SORT_TABLES_JS = """
@@ -578,6 +579,61 @@ def thumbnail(image: np.ndarray) -> str:
 # model card and dashboard note
 
 
+def _members(info: dict[str, Any]) -> list[dict[str, Any]]:
+    return info.get("members") or [{"trial": info["trial"], "weight": 1.0}]
+
+
+def _make_up(info: dict[str, Any]) -> str:
+    members = _members(info)
+    text = f"trial {members[0]['trial']}"
+    if len(members) > 1:
+        text = f"an ensemble of {len(members)} trials"
+    return text + (" with flip test-time augmentation" if info.get("tta") == "flip" else "")
+
+
+def _members_section(info: dict[str, Any]) -> list[str]:
+    """The ensemble's trials and weights, and how the make-up was chosen."""
+    members = _members(info)
+    selection = info.get("selection") or {}
+    if len(members) < 2 and info.get("tta") != "flip":
+        return []
+    lines = [
+        "## Ensemble members" if len(members) > 1 else "## Test-time augmentation",
+        "",
+    ]
+    if len(members) > 1:
+        lines += [
+            f"Greedy ensemble selection with replacement (Caruana et al., 2004), "
+            f"{selection.get('rounds', '?')} rounds over the {len(selection.get('library', []))} "
+            "best trials, on validation probabilities"
+            + (" averaged with the mirrored photo" if info.get("tta") == "flip" else "")
+            + f"; the average scores validation macro-F1 "
+            f"{_num(selection.get('selected_val_macro_f1'))} (on the data it was selected on).",
+            "",
+            "| trial | weight | backbone | validation macro-F1 |",
+            "|---|---|---|---|",
+            *[
+                f"| {m['trial']} | {m['weight']:.3f} | {m.get('backbone', '')} | "
+                f"{_num(m.get('val_macro_f1'))} |"
+                for m in members
+            ],
+            "",
+        ]
+    held = selection.get("held_out")
+    if held:
+        lines += [
+            f"Chosen over the best single trial on validation halves the selection did not see: "
+            f"macro-F1 {_num(held['ensemble'])} against {_num(held['single'])}.",
+            "",
+        ]
+    if info.get("tta") == "flip":
+        lines += [
+            "Every prediction averages the photo and its mirror image (inside the model).",
+            "",
+        ]
+    return lines
+
+
 def model_card(
     info: dict[str, Any], evaluation: dict[str, Any], budget: dict[str, Any], data: dict[str, Any]
 ) -> str:
@@ -589,7 +645,7 @@ def model_card(
     lines = [
         f"# Model card: {info['version']}",
         "",
-        f"Family classifier for photos of rare species: trial {info['trial']} of study "
+        f"Family classifier for photos of rare species: {_make_up(info)} of study "
         f"`{info['study']}`, backbone `{info['backbone']}` (weights: {info.get('weights')}), "
         f"promoted {info['promoted_at']} by {info.get('promoted_by', 'unknown')}.",
         "",
@@ -618,7 +674,8 @@ def model_card(
         f"{_duration(budget.get('wall_seconds'))}.",
         f"- Chosen by validation macro-F1 {_num(info.get('validation', {}).get('macro_f1'))}.",
         "",
-        "## Chosen parameters",
+        *_members_section(info),
+        "## Chosen parameters" + (" (the heaviest member)" if len(_members(info)) > 1 else ""),
         "",
         "| parameter | value |",
         "|---|---|",

@@ -59,6 +59,8 @@ DEFAULT_SPACE: dict[str, Dimension] = {
     "batch_size": Categorical((16, 32, 64, 128)),
     "label_smoothing": FloatRange(0.0, 0.2),
     "weight_decay": FloatRange(1e-6, 1e-2, log=True),
+    # Weight of an auxiliary phylum output's loss (search.trial.PhylumAwareLoss); 0 = none.
+    "phylum_loss_weight": FloatRange(0.0, 1.0),
 }
 
 
@@ -73,8 +75,9 @@ def sample(trial: optuna.Trial, space: dict[str, Dimension]) -> dict[str, Any]:
         params[f"dropout_{i}"] = _suggest(trial, f"dropout_{i}", space["dropout"])
     for name in ("batch_norm", "learning_rate", "optimizer", "batch_size"):
         params[name] = _suggest(trial, name, space[name])
-    for name in ("label_smoothing", "weight_decay"):
-        params[name] = _suggest(trial, name, space[name])
+    for name in ("label_smoothing", "weight_decay", "phylum_loss_weight"):
+        if name in space:  # a study created before a dimension existed does not sample it
+            params[name] = _suggest(trial, name, space[name])
     return params
 
 

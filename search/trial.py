@@ -41,6 +41,7 @@ from search.study import is_new_best, params_together, set_user_attrs
 
 CHECKPOINT_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
+PROBABILITIES_NAME = "probabilities.npz"  # val/test probabilities, plain and flip-averaged
 BEST_CURVES_ID = "curves-best"  # one figure on the study page, replaced by each new best trial
 EVAL_BYTES = 64 * 2**20  # input bytes per validation call
 
@@ -116,8 +117,15 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
         model = build_head(
             feats.dim, n_classes, params, feature_stats=(plain.mean(0), plain.var(0))
         )
+        trained = with_phylum_output(model, data.phyla, params)
         train_views, train_y = np.asarray(feats.train), feats.train_labels
         val_x, val_y = np.asarray(feats.val, dtype=np.float32), feats.val_labels
+        held_out = {  # what the stored probabilities are computed on, mirrored views included
+            "val_flip": feats.val_flip,
+            "test": feats.test,
+            "test_flip": feats.test_flip,
+            "test_labels": feats.test_labels,
+        }
         kind = "head"
     else:
         keras.utils.set_random_seed(seed)
@@ -127,9 +135,20 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
         inputs = keras.Input(shape=(data.image_size, data.image_size, 3), name="image")
         x = keras.layers.RandomFlip("horizontal", name="aug_flip")(inputs)  # training only
         x = keras.layers.RandomTranslation(0.1, 0.1, name="aug_shift")(x)
-        model = keras.Model(inputs, head(body(x)), name=f"{spec.name}_end_to_end")
+        x = body(x)
+        model = keras.Model(inputs, head(x), name=f"{spec.name}_end_to_end")
+        trained = keras.Model(
+            inputs, with_phylum_output(head, data.phyla, params)(x), name="with_phylum"
+        )
         train = Batches(images[None], labels, data, params["batch_size"], seed)
         val_x, val_y = data.arrays("val")
+        test_x, test_y = data.arrays("test")
+        held_out = {
+            "val_flip": val_x[:, :, ::-1],
+            "test": test_x,
+            "test_flip": test_x[:, :, ::-1],
+            "test_labels": test_y,
+        }
         kind = "full"
     evaluator = Evaluator(trial, model, val_x, val_y, env, settings.max_epochs)
     callbacks = [
@@ -141,7 +160,7 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     ]
     if kind == "head":
         fit_on_table(
-            model,
+            trained,
             train_views,
             train_y,
             weights,
@@ -150,10 +169,11 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
             callbacks,
             seed,
             table_key=feats.key,
+            phyla=data.phyla,
         )
     else:
-        model.compile(optimizer=make_optimizer(params), loss=make_loss(params))
-        model.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
+        trained.compile(optimizer=make_optimizer(params), loss=make_loss(params, data.phyla))
+        trained.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
     history = pd.DataFrame(evaluator.rows)
     attrs["epochs_run"] = len(history)
     if evaluator.nan_epoch is not None or evaluator.interrupted or evaluator.pruned:
@@ -165,16 +185,24 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     if evaluator.pruned:
         raise optuna.TrialPruned(f"pruned at epoch {len(history)}")
     model.set_weights(evaluator.best_weights)
+    probabilities = held_out_probabilities(model, evaluator.best_probs, val_y, held_out)
     with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
         csv, checkpoint = Path(tmp) / HISTORY_NAME, Path(tmp) / CHECKPOINT_NAME
+        probs_file = Path(tmp) / PROBABILITIES_NAME
         history.to_csv(csv, index=False)
         model.save(checkpoint)
-        for attr, path in (("history", csv), ("checkpoint", checkpoint)):
+        np.savez(probs_file, **probabilities)
+        for attr, path in (
+            ("history", csv),
+            ("checkpoint", checkpoint),
+            ("probabilities", probs_file),
+        ):
             attrs[attr] = upload_artifact(
                 artifact_store=env.artifact_store, file_path=str(path), study_or_trial=trial
             )
     best_metrics = compute_metrics(val_y, evaluator.best_probs)
     attrs.update({f"val_{name}": value for name, value in best_metrics.items()})
+    attrs["val_macro_f1_flip"] = macro_f1(val_y, probabilities["val_flip"].astype(np.float32))
     attrs.update(
         checkpoint_kind=kind,
         best_epoch=evaluator.best_epoch,
@@ -190,6 +218,26 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
     return evaluator.best_value
 
 
+def held_out_probabilities(
+    model: keras.Model, val_probs: np.ndarray, val_labels: np.ndarray, held_out: dict[str, Any]
+) -> dict[str, np.ndarray]:
+    """The kept model's probabilities on val and test, plain and averaged with the mirrored
+    view (what a flip-TTA champion predicts), as float16: ensemble selection and TTA choices
+    are made from these without running any model again. At 202 families that is about 1.5 MB
+    a trial, a third of a one-layer head's checkpoint."""
+    val_flip = predict(model, np.asarray(held_out["val_flip"]))
+    test = predict(model, np.asarray(held_out["test"]))
+    test_flip = predict(model, np.asarray(held_out["test_flip"]))
+    return {
+        "val": val_probs.astype(np.float16),
+        "val_flip": ((val_probs + val_flip) / 2).astype(np.float16),
+        "test": test.astype(np.float16),
+        "test_flip": ((test + test_flip) / 2).astype(np.float16),
+        "val_labels": np.asarray(val_labels, dtype=np.int32),
+        "test_labels": np.asarray(held_out["test_labels"], dtype=np.int32),
+    }
+
+
 def fit_on_table(
     model: keras.Model,
     views: np.ndarray,
@@ -200,6 +248,7 @@ def fit_on_table(
     callbacks: list[keras.callbacks.Callback],
     seed: int,
     table_key: str | None = None,
+    phyla: list[str] | None = None,
 ) -> None:
     """Train `model` on every example of `views` (V, n, ...) in one `fit`: the table goes to the
     backend once, each step gathers its examples there, and a whole epoch runs per execution
@@ -209,9 +258,11 @@ def fit_on_table(
     index = keras.Input(shape=(), dtype="int32", name="example")
     trainer = keras.Model(index, model(table(index)), name="table_trainer")
     n = int(views.shape[1])
+    # Targets are families; a phylum output (with_phylum_output) adds columns to the model's.
+    n_classes = len(phyla) if phyla is not None else int(model.output_shape[-1])
     trainer.compile(
         optimizer=make_optimizer(params),
-        loss=make_loss(params),
+        loss=make_loss(params, phyla),
         # XLA compiles every trial's step anew, which costs more than a head trial saves.
         jit_compile=False,
         steps_per_execution=1
@@ -220,7 +271,7 @@ def fit_on_table(
     )
     trainer.fit(
         np.arange(n, dtype=np.int32),
-        np.eye(int(model.output_shape[-1]), dtype=np.float32)[labels],
+        np.eye(n_classes, dtype=np.float32)[labels],
         sample_weight=np.array([class_weights[int(y)] for y in labels], dtype=np.float32),
         batch_size=params["batch_size"],
         epochs=epochs,
@@ -323,8 +374,54 @@ def build_head(
     return keras.Model(inputs, outputs, name="head")
 
 
-def make_loss(params: dict[str, Any]) -> keras.losses.Loss:
-    return keras.losses.CategoricalCrossentropy(label_smoothing=params["label_smoothing"])
+def with_phylum_output(head: keras.Model, phyla: list[str], params: dict[str, Any]) -> keras.Model:
+    """What a trial trains: `head` itself, or, with a phylum_loss_weight above 0, `head` plus an
+    auxiliary phylum softmax on its last hidden layer, output beside the family probabilities
+    (one array: families, then phyla). Taxonomy is free supervision: families of one phylum
+    share features the head should learn. The auxiliary output is dropped after training: the
+    kept head, its checkpoint and the champion predict families only."""
+    if params.get("phylum_loss_weight", 0.0) <= 0 or len(set(phyla)) < 2:
+        return head  # one phylum: nothing to learn from it
+    hidden = head.get_layer(f"dropout{params['n_layers'] - 1}").output
+    phylum = keras.layers.Dense(
+        len(sorted(set(phyla))), activation="softmax", dtype="float32", name="phylum"
+    )(hidden)
+    both = keras.layers.Concatenate(name="family_and_phylum")([head.output, phylum])
+    return keras.Model(head.inputs, both, name="head_with_phylum")
+
+
+def make_loss(params: dict[str, Any], phyla: list[str] | None = None) -> keras.losses.Loss:
+    """Family cross-entropy; with the classes' phyla and a phylum_loss_weight above 0, the
+    loss of with_phylum_output's model."""
+    smoothing = params["label_smoothing"]
+    weight = float(params.get("phylum_loss_weight", 0.0))
+    if weight <= 0 or phyla is None or len(set(phyla)) < 2:
+        return keras.losses.CategoricalCrossentropy(label_smoothing=smoothing)
+    return PhylumAwareLoss(phyla, weight, smoothing)
+
+
+class PhylumAwareLoss(keras.losses.Loss):
+    """Family cross-entropy plus `weight` x the phylum output's cross-entropy against the true
+    family's phylum. Takes family one-hot targets and the (families + phyla) output of
+    with_phylum_output; the phylum targets are the family targets times a fixed 0/1 matrix."""
+
+    def __init__(
+        self, phyla: list[str], weight: float, label_smoothing: float = 0.0, **kwargs: Any
+    ) -> None:
+        super().__init__(name="family_and_phylum_crossentropy", **kwargs)
+        names = sorted(set(phyla))
+        membership = np.zeros((len(phyla), len(names)), dtype=np.float32)
+        membership[np.arange(len(phyla)), [names.index(p) for p in phyla]] = 1.0
+        self.membership, self.weight, self.label_smoothing = membership, weight, label_smoothing
+        self.n_families = len(phyla)
+
+    def call(self, y_true: Any, y_pred: Any) -> Any:
+        families = y_pred[:, : self.n_families]
+        phyla = y_pred[:, self.n_families :]
+        phylum_true = keras.ops.matmul(y_true, keras.ops.convert_to_tensor(self.membership))
+        return keras.losses.categorical_crossentropy(
+            y_true, families, label_smoothing=self.label_smoothing
+        ) + self.weight * keras.losses.categorical_crossentropy(phylum_true, phyla)
 
 
 def make_optimizer(params: dict[str, Any]) -> keras.optimizers.Optimizer:

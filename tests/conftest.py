@@ -119,6 +119,7 @@ HEAD = {
     "batch_size": 32,
     "label_smoothing": 0.0,
     "weight_decay": 1e-6,
+    "phylum_loss_weight": 0.0,
 }
 
 

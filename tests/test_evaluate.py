@@ -79,6 +79,11 @@ def test_evaluation_agrees_with_scikit_learn(settings: Settings, promoted: Path)
     n = len(data.classes)
     assert evaluation["n_images"] == len(split.labels) == len(data.indices("test"))
     assert evaluation["metrics"]["accuracy"] == pytest.approx((y_pred == split.labels).mean())
+    phylum = np.array(data.phyla)
+    assert evaluation["metrics"]["phylum_accuracy"] == pytest.approx(
+        (phylum[y_pred] == phylum[split.labels]).mean()
+    )
+    assert evaluation["metrics"]["phylum_accuracy"] >= evaluation["metrics"]["accuracy"]
 
     report = classification_report(
         split.labels, y_pred, labels=range(n), output_dict=True, zero_division=0

@@ -10,12 +10,12 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, download_artifact
 from optuna.trial import TrialState
 
+from search.champion_model import assemble
 from search.cli import main
 from search.dataset import load_prepared
 from search.errors import ConfigError
 from search.finetune import _leaves, finetune
 from search.metrics import macro_f1
-from search.registry import assemble
 from search.rerun import rerun
 from search.settings import Settings
 from search.study import load, open_storage

@@ -45,7 +45,7 @@ def test_promote_writes_an_end_to_end_champion_that_predict_uses(searched: Path)
 
 def test_champion_matches_head_on_cached_features(searched: Path) -> None:
     """The end-to-end champion equals backbone features -> head, within float16 tolerance."""
-    from search.registry import assemble
+    from search.champion_model import assemble
     from search.study import load
 
     env = search_env(searched)
