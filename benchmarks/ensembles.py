@@ -13,7 +13,7 @@ within float16; checked against real champions below), so no model is rebuilt pe
 Then the seed-0 study's champions are really promoted (single, single+TTA, ensemble,
 ensemble+TTA) and their prediction cost is timed on the same test images in one run.
 
-    .venv/bin/python benchmarks/ensembles.py [--families 40] [--images 2000] [--trials 40]
+    .venv/bin/python benchmarks/ensembles.py [--families 40] [--images 2400] [--trials 40]
         [--seeds 0 1 2] [--ensemble 10]
 
 Resumable: studies live under benchmarks/results/ensembles/ and only missing trials run.
@@ -101,6 +101,7 @@ def score_variants(settings, k: int) -> dict[str, dict[str, float]]:  # noqa: AN
         probs = np.tensordot(np.array([w for _, w in choice.members]), lib.test, axes=1)
         metrics = compute_metrics(lib.test_labels, probs)
         out[name] = {
+            "backbones": len({t.params["backbone"] for t in members}),
             "macro_f1": metrics["macro_f1"],
             "accuracy": metrics["accuracy"],
             "phylum_accuracy": phylum_accuracy(lib.test_labels, probs.argmax(1), phyla),
@@ -130,6 +131,7 @@ def prediction_cost(settings, k: int) -> list[dict[str, float]]:  # noqa: ANN001
         info = promote_best(settings, force=True, ensemble=ensemble, tta=tta)
         champions[name] = load_champion(settings.models_dir)
         rows.append({"kind": name, "members": len(info["members"]),
+                     "backbones": len({m["backbone"] for m in info["members"]}),
                      "test_macro_f1": info["test"]["macro_f1"]})  # fmt: skip
     for row in rows:  # all timed after all are built, back to back, twice; the faster counts
         champion = champions[row["kind"]]
@@ -149,7 +151,7 @@ def prediction_cost(settings, k: int) -> list[dict[str, float]]:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--families", type=int, default=40)
-    parser.add_argument("--images", type=int, default=2000)
+    parser.add_argument("--images", type=int, default=2400)
     parser.add_argument("--image-px", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=160)
     parser.add_argument("--trials", type=int, default=40)
@@ -173,14 +175,18 @@ def main() -> None:
 
     info = json.loads((data_dir / "prepared.json").read_text())
     print(f"\n{len(info['classes'])} families in {len(set(info['phyla']))} phyla, "
-          f"{sum(info['counts'].values())} photo-style images at {args.image_size} px, "
+          f"{info['counts']['rows']} photo-style images (train {info['counts']['train']}, "
+          f"val {info['counts']['val']}, test {info['counts']['test']}) at {args.image_size} px, "
           f"backbones {', '.join(BACKBONES)}, {args.trials} trials a study, "
           f"seeds {args.seeds}")  # fmt: skip
     variants = [v for v in results[f"{args.seeds[0]}/plain"] if v != "selection_seconds"]
     for head in HEADS:
         searched = "searched in [0, 1]" if head == "phylum" else "0"
         print(f"\ntest split, {head} head (phylum_loss_weight {searched}), mean ± sd over seeds")
-        print(f"  {'champion':<16} {'macro-F1':>16} {'accuracy':>16} {'phylum acc':>16}  members")
+        print(
+            f"  {'champion':<16} {'macro-F1':>16} {'accuracy':>16} {'phylum acc':>16}  "
+            "members per seed (t: TTA, b: backbones)"
+        )
         for v in variants:
             rows = [results[f"{s}/{head}"][v] for s in args.seeds]
             cells = []
@@ -188,7 +194,9 @@ def main() -> None:
                 values = [r[key] for r in rows]
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
                 cells.append(f"{statistics.mean(values):.3f} ± {sd:.3f}")
-            members = "/".join(str(r["members"]) + ("t" if r["tta"] else "") for r in rows)
+            members = "/".join(
+                f"{r['members']}{'t' if r['tta'] else ''}({r['backbones']}b)" for r in rows
+            )
             print(f"  {v:<16} {cells[0]:>16} {cells[1]:>16} {cells[2]:>16}  {members}")
     print("\nphylum-aware minus plain head, per seed (test macro-F1):")
     for v in variants:
@@ -198,7 +206,8 @@ def main() -> None:
               + f"   mean {statistics.mean(deltas):+.3f}")  # fmt: skip
     print(f"\nprediction cost, seed {args.seeds[0]} plain study, real champions, one run:")
     for row in cost:
-        print(f"  {row['kind']:<16} {row['members']:>2} member(s)  test macro-F1 "
+        print(f"  {row['kind']:<16} {row['members']:>2} member(s), {row['backbones']} backbone(s)"
+              f"  test macro-F1 "
               f"{row['test_macro_f1']:.3f}  {row['ms_per_image']:6.2f} ms/image  "
               f"{row['x_single']:.2f}x single")  # fmt: skip
     (RESULTS / "ensembles.json").write_text(json.dumps({"results": results, "cost": cost},

@@ -826,8 +826,15 @@ def dashboard_note(info: dict[str, Any], evaluation: dict[str, Any], report: str
     lines = [
         f"## Champion: {info['version']}",
         "",
-        f"Trial **{info['trial']}** ({info['backbone']}), promoted {info['promoted_at']} by "
-        f"{info.get('promoted_by', 'unknown')}.",
+        f"{_make_up(info).capitalize()} ({info['backbone']}), promoted {info['promoted_at']} "
+        f"by {info.get('promoted_by', 'unknown')}."
+        + (
+            " Members (trial x weight): "
+            + ", ".join(f"{m['trial']} x{m['weight']:.2f}" for m in _members(info))
+            + "."
+            if len(_members(info)) > 1
+            else ""
+        ),
         "",
         f"Test split ({evaluation['n_images']} images): accuracy {_num(m['accuracy'])}, "
         f"top-5 {_num(m['top5_accuracy'])}, macro-F1 {_num(m['macro_f1'])}, "
