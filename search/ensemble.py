@@ -143,12 +143,28 @@ class Choice:
         }
 
 
+def fetch(store: Any, trial: Any, attr: str, path: Any) -> None:
+    """Download the trial's artifact `attr` (checkpoint, probabilities) to `path`, or say in
+    one line that the artifact store does not hold it."""
+    from optuna.artifacts import download_artifact
+    from optuna.artifacts.exceptions import ArtifactNotFound
+
+    try:
+        download_artifact(
+            artifact_store=store, file_path=str(path), artifact_id=trial.user_attrs[attr]
+        )
+    except ArtifactNotFound:
+        raise RegistryError(
+            f"trial {trial.number}'s {attr} artifact is not in the artifact store: point "
+            "--artifacts-dir (SEARCH_ARTIFACTS_DIR) or SEARCH_ARTIFACT_URL at the store the "
+            "workers used"
+        ) from None
+
+
 def load_library(trials: list[Any], store: Any, variant: str, with_test: bool = False) -> Library:
     """The stored probabilities of `trials` ("val" or "val_flip" and its test twin)."""
     import tempfile
     from pathlib import Path
-
-    from optuna.artifacts import download_artifact
 
     val: list[np.ndarray] = []
     test: list[np.ndarray] = []
@@ -156,11 +172,7 @@ def load_library(trials: list[Any], store: Any, variant: str, with_test: bool = 
     with tempfile.TemporaryDirectory(prefix="search-ensemble-") as tmp:
         for trial in trials:
             path = Path(tmp) / f"{trial.number}.npz"
-            download_artifact(
-                artifact_store=store,
-                file_path=str(path),
-                artifact_id=trial.user_attrs["probabilities"],
-            )
+            fetch(store, trial, "probabilities", path)
             with np.load(path) as stored:
                 val.append(stored[variant].astype(np.float32))
                 if with_test:

@@ -239,11 +239,10 @@ def _promote_locked(
     tta: str,
 ) -> dict[str, Any]:
     import keras
-    from optuna.artifacts import download_artifact
 
     from search.champion_model import Member, build_champion
     from search.dataset import load_prepared
-    from search.ensemble import AUTO_LIBRARY, choose
+    from search.ensemble import AUTO_LIBRARY, choose, fetch
     from search.evaluate import HeldOutSplit, score, with_version
     from search.reports import model_card, write_evaluation
     from search.study import load, open_artifact_store, open_storage, redact
@@ -302,11 +301,7 @@ def _promote_locked(
         members = []
         for member, weight in choice.members:
             checkpoint = staging / f"trial_{member.number}_checkpoint.keras"
-            download_artifact(
-                artifact_store=store,
-                file_path=str(checkpoint),
-                artifact_id=member.user_attrs["checkpoint"],
-            )
+            fetch(store, member, "checkpoint", checkpoint)
             members.append(Member(member, checkpoint, weight))
         keras.backend.clear_session()
         model = build_champion(members, data, settings, attrs, tta=choice.tta)

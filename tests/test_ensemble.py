@@ -171,6 +171,22 @@ def test_ensemble_larger_than_the_study_is_a_one_line_error(ws: Path, capsys) ->
     assert usage.value.code == 2
 
 
+def test_missing_artifacts_are_a_one_line_error(ws: Path, capsys) -> None:
+    settings = Settings.load()
+    study = load(open_storage(settings, heartbeat=False), settings)
+    second = top_trials(study, 2)[1]
+    for path in (ws / "models" / "artifacts").rglob(second.user_attrs["probabilities"]):
+        path.unlink()
+    assert main(["promote", "--ensemble", "3"]) != 0
+    err = capsys.readouterr().err
+    assert f"error: trial {second.number}'s probabilities artifact is not in the" in err
+    assert "Traceback" not in err and not (ws / "models" / "champion").exists()
+    for path in (ws / "models" / "artifacts").rglob(study.best_trial.user_attrs["checkpoint"]):
+        path.unlink()
+    assert main(["promote"]) != 0
+    assert "'s checkpoint artifact is not in the artifact store" in capsys.readouterr().err
+
+
 def test_choice_is_deterministic_for_a_study(ws: Path) -> None:
     settings = Settings.load()
     study = load(open_storage(settings, heartbeat=False), settings)
