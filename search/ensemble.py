@@ -69,6 +69,8 @@ class Selection:
 
 
 def _log_loss(labels: np.ndarray, probs: np.ndarray) -> float:
+    """Mean log loss of the true classes, the selection's tie-break: run for every candidate
+    of every round, where scikit-learn's log_loss would check and one-hot its input each time."""
     picked = probs[np.arange(len(labels)), labels]
     return float(-np.mean(np.log(np.clip(picked, 1e-12, 1.0))))
 
@@ -119,7 +121,6 @@ def too_few(study_name: str, have: int, asked: int) -> RegistryError:
 
 
 AUTO_LIBRARY = 10  # library size of `--ensemble auto`
-TTA_CHOICES = ("none", "flip", "auto")
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,20 @@ class Choice:
         }
 
 
+def champion_members(info: dict[str, Any]) -> list[dict[str, Any]]:
+    """The members (trial, weight, ...) a promoted champion's champion.json lists; a version
+    promoted before ensembles existed is its one trial."""
+    return info.get("members") or [{"trial": info.get("trial"), "weight": 1.0}]
+
+
+def info_signature(info: dict[str, Any]) -> dict[str, Any]:
+    """Choice.signature() of a promoted champion, from its champion.json."""
+    return {
+        "members": [[m["trial"], round(float(m["weight"]), 6)] for m in champion_members(info)],
+        "tta": info.get("tta", "none"),
+    }
+
+
 def fetch(store: Any, trial: Any, attr: str, path: Any) -> None:
     """Download the trial's artifact `attr` (checkpoint, probabilities) to `path`, or say in
     one line that the artifact store does not hold it."""
@@ -161,31 +176,44 @@ def fetch(store: Any, trial: Any, attr: str, path: Any) -> None:
         ) from None
 
 
-def load_library(trials: list[Any], store: Any, variant: str, with_test: bool = False) -> Library:
-    """The stored probabilities of `trials` ("val" or "val_flip" and its test twin)."""
+def load_libraries(
+    trials: list[Any], store: Any, variants: list[str], with_test: bool = False
+) -> dict[str, Library]:
+    """The stored probabilities of `trials` for each variant ("val" or "val_flip", and its test
+    twin): each trial's file is downloaded once for all variants."""
     import tempfile
     from pathlib import Path
 
-    val: list[np.ndarray] = []
-    test: list[np.ndarray] = []
+    val: dict[str, list[np.ndarray]] = {v: [] for v in variants}
+    test: dict[str, list[np.ndarray]] = {v: [] for v in variants}
     labels = test_labels = None
     with tempfile.TemporaryDirectory(prefix="search-ensemble-") as tmp:
         for trial in trials:
             path = Path(tmp) / f"{trial.number}.npz"
             fetch(store, trial, "probabilities", path)
             with np.load(path) as stored:
-                val.append(stored[variant].astype(np.float32))
-                if with_test:
-                    test.append(stored[variant.replace("val", "test")].astype(np.float32))
+                for variant in variants:
+                    val[variant].append(stored[variant].astype(np.float32))
+                    if with_test:
+                        twin = variant.replace("val", "test")
+                        test[variant].append(stored[twin].astype(np.float32))
                 if labels is None:
                     labels, test_labels = stored["val_labels"], stored["test_labels"]
-    return Library(
-        numbers=[t.number for t in trials],
-        val=np.stack(val),
-        val_labels=np.asarray(labels),
-        test=np.stack(test) if with_test else None,
-        test_labels=test_labels,
-    )
+    return {
+        variant: Library(
+            numbers=[t.number for t in trials],
+            val=np.stack(val[variant]),
+            val_labels=np.asarray(labels),
+            test=np.stack(test[variant]) if with_test else None,
+            test_labels=test_labels,
+        )
+        for variant in variants
+    }
+
+
+def load_library(trials: list[Any], store: Any, variant: str, with_test: bool = False) -> Library:
+    """The stored probabilities of `trials` for one variant (load_libraries)."""
+    return load_libraries(trials, store, [variant], with_test)[variant]
 
 
 def choose(
@@ -222,14 +250,14 @@ def choose(
             "existed): promote without --ensemble, or run new trials"
         )
     variants = {"none": ["val"], "flip": ["val_flip"], "auto": ["val", "val_flip"]}[tta]
-    options = [_choose_variant(scored, store, ensemble, v) for v in variants]
+    libraries = load_libraries(scored, store, variants)
+    options = [_choose_variant(scored, libraries[v], ensemble, v) for v in variants]
     return max(options, key=lambda c: c.val_macro_f1)  # the first of equals: no TTA
 
 
 def _choose_variant(
-    trials: list[Any], store: Any, ensemble: int | str | None, variant: str
+    trials: list[Any], library: Library, ensemble: int | str | None, variant: str
 ) -> Choice:
-    library = load_library(trials, store, variant)
     tta = variant == "val_flip"
     base = {"variant": variant, "library": library.numbers}
     if ensemble is None:

@@ -137,11 +137,14 @@ def best_trial(study: optuna.Study) -> optuna.trial.FrozenTrial:
     equals)."""
     trials = top_trials(study, 1)
     if not trials:
-        raise RegistryError(
-            f"study {study.study_name!r} has no complete trial to promote: "
-            "run `search worker` first"
-        )
+        raise _nothing_to_promote(study)
     return trials[0]
+
+
+def _nothing_to_promote(study: optuna.Study) -> RegistryError:
+    return RegistryError(
+        f"study {study.study_name!r} has no complete trial to promote: run `search worker` first"
+    )
 
 
 def top_trials(study: optuna.Study, k: int) -> list[optuna.trial.FrozenTrial]:
@@ -242,7 +245,7 @@ def _promote_locked(
 
     from search.champion_model import Member, build_champion
     from search.dataset import load_prepared
-    from search.ensemble import AUTO_LIBRARY, choose, fetch
+    from search.ensemble import AUTO_LIBRARY, choose, fetch, info_signature
     from search.evaluate import HeldOutSplit, score, with_version
     from search.reports import model_card, write_evaluation
     from search.study import load, open_artifact_store, open_storage, redact
@@ -256,7 +259,7 @@ def _promote_locked(
         library_size = AUTO_LIBRARY if ensemble == "auto" else int(ensemble)
     candidates = top_trials(study, library_size)
     if not candidates:
-        best_trial(study)  # raises: nothing to promote
+        raise _nothing_to_promote(study)
     data = load_prepared(settings.data_dir)
     if attrs.get("data_hash") != data.data_hash:
         raise RegistryError(
@@ -270,7 +273,7 @@ def _promote_locked(
     if (
         current
         and current.get("study") == study.study_name
-        and _signature(current) == (choice.signature())
+        and info_signature(current) == choice.signature()
     ):
         return {"promoted": False, "reason": "already champion", **current}
     history = history_dir(models_dir)
@@ -367,18 +370,11 @@ def _promote_locked(
     return {"promoted": True, **info}
 
 
-def _signature(info: dict[str, Any]) -> dict[str, Any]:
-    """search.ensemble.Choice.signature() of a promoted champion (older ones: one trial)."""
-    members = info.get("members") or [{"trial": info.get("trial"), "weight": 1.0}]
-    return {
-        "members": [[m["trial"], round(float(m["weight"]), 6)] for m in members],
-        "tta": info.get("tta", "none"),
-    }
-
-
 def describe_champion(info: dict[str, Any]) -> str:
     """'trial 7 (efficientnet_lite0)', or an ensemble's members and weights; + TTA."""
-    members = info.get("members") or [{"trial": info["trial"], "weight": 1.0}]
+    from search.ensemble import champion_members
+
+    members = champion_members(info)
     if len(members) > 1:
         parts = ", ".join(f"{m['trial']} x{m['weight']:.2f}" for m in members)
         text = f"an ensemble of {len(members)} trials ({parts}; {info['backbone']})"

@@ -18,6 +18,7 @@ import numpy as np
 import plotly.graph_objects as go
 from PIL import Image
 
+from search.ensemble import champion_members
 from search.evaluate import confused_pairs, to_json
 
 if TYPE_CHECKING:
@@ -579,12 +580,8 @@ def thumbnail(image: np.ndarray) -> str:
 # model card and dashboard note
 
 
-def _members(info: dict[str, Any]) -> list[dict[str, Any]]:
-    return info.get("members") or [{"trial": info["trial"], "weight": 1.0}]
-
-
 def _make_up(info: dict[str, Any]) -> str:
-    members = _members(info)
+    members = champion_members(info)
     text = f"trial {members[0]['trial']}"
     if len(members) > 1:
         text = f"an ensemble of {len(members)} trials"
@@ -593,7 +590,7 @@ def _make_up(info: dict[str, Any]) -> str:
 
 def _members_section(info: dict[str, Any]) -> list[str]:
     """The ensemble's trials and weights, and how the make-up was chosen."""
-    members = _members(info)
+    members = champion_members(info)
     selection = info.get("selection") or {}
     if len(members) < 2 and info.get("tta") != "flip":
         return []
@@ -675,7 +672,8 @@ def model_card(
         f"- Chosen by validation macro-F1 {_num(info.get('validation', {}).get('macro_f1'))}.",
         "",
         *_members_section(info),
-        "## Chosen parameters" + (" (the heaviest member)" if len(_members(info)) > 1 else ""),
+        "## Chosen parameters"
+        + (" (the heaviest member)" if len(champion_members(info)) > 1 else ""),
         "",
         "| parameter | value |",
         "|---|---|",
@@ -830,9 +828,9 @@ def dashboard_note(info: dict[str, Any], evaluation: dict[str, Any], report: str
         f"by {info.get('promoted_by', 'unknown')}."
         + (
             " Members (trial x weight): "
-            + ", ".join(f"{m['trial']} x{m['weight']:.2f}" for m in _members(info))
+            + ", ".join(f"{m['trial']} x{m['weight']:.2f}" for m in champion_members(info))
             + "."
-            if len(_members(info)) > 1
+            if len(champion_members(info)) > 1
             else ""
         ),
         "",
