@@ -7,7 +7,8 @@ user would, on a tiny generated data set, in a scratch project folder:
 
   compose run --rm prepare; compose up -d --scale worker=3; the dashboard answers;
   docker kill one worker mid-trial (its trial fails and is retried with the same params by
-  another worker); restart the postgres container mid-study (the study still completes);
+  another worker); stop the postgres container for 6 s mid-study and start it again (the
+  workers notice, the study still completes);
   compose up again with a bigger budget and `compose stop worker` (SIGTERM) mid-trial;
   the storage proxy serves the study; compose run --rm promote writes models/champion owned by
   the host user; compose down -v.
@@ -49,6 +50,7 @@ PROJECT = "rss-fleet"
 WORKERS = 3
 N_TRIALS = 12  # the first study's budget
 MAX_EPOCHS = 6
+OUTAGE_S = 6  # how long the database stays down in the restart step
 GRACE_PERIOD = 10
 # End-to-end trials of the small CNN (--weights none) on 32 px images: seconds each on a CPU.
 SPACE = """\
@@ -567,7 +569,11 @@ def scenario(steps: Steps, engine: Engine, stack: contextlib.ExitStack) -> list[
             300,
         )
         t0 = time.monotonic()
-        fleet.compose("restart", "-t", "10", "postgres", capture=True)
+        # Down for longer than a few heartbeats (HEARTBEAT_INTERVAL 2 s): a bare `restart` is
+        # over in about 2 s and a worker between database calls can miss it entirely.
+        fleet.compose("stop", "-t", "10", "postgres", capture=True)
+        time.sleep(OUTAGE_S)
+        fleet.compose("start", "postgres", capture=True)
         fleet.wait(
             "postgres healthy again",
             lambda: fleet.containers("postgres")[0].get("Health") == "healthy",
@@ -619,6 +625,7 @@ def scenario(steps: Steps, engine: Engine, stack: contextlib.ExitStack) -> list[
             if "storage error" in line or "missed a beat" in line
         )
         if not noticed:
+            print(logs[-6000:], file=sys.stderr, flush=True)  # what the workers did instead
             raise Failed("no worker met the postgres restart: it proved nothing")
         report.append(f"postgres restart met by workers (log lines): {dict(noticed)}")
         report.append(f"after SIGKILL + postgres restart: {len(trials)} trials, numbers "
