@@ -195,7 +195,14 @@ def _run(
             raise
         except TrialFailed as exc:
             if exc.__cause__ is not None and is_transient(exc.__cause__):
-                raise exc.__cause__ from None  # the storage's fault, not the trial's: requeued
+                # The storage's fault, not the trial's: the outage path fails and requeues it.
+                # A StorageError says so whatever the chain became: Keras re-raises errors from
+                # callbacks `from None`, and re-raising the cause itself lost the connection
+                # error storage_outage() looks for, so the worker died and the trial stayed
+                # failed (fleet-test, PostgreSQL down during a report).
+                raise StorageError(
+                    f"storage lost during trial {trial.number}: {_first_line(exc.__cause__)}"
+                ) from exc.__cause__
             if "fail_reason" not in trial.user_attrs:  # a NaN loss: the objective names no reason
                 trial.set_user_attr("fail_reason", str(exc)[:500])
             log(f"trial {trial.number} failed: {exc}")
