@@ -82,9 +82,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     from search.worker import StopFlag, run_worker
 
-    stop = StopFlag()
-    stop.install()
-    report = run_worker(_settings(args), args.n_trials, args.timeout, stop)
+    with StopFlag().installed() as stop:
+        report = run_worker(_settings(args), args.n_trials, args.timeout, stop)
     counts = ", ".join(f"{n} {state.lower()}" for state, n in sorted(report.trials.items()))
     print(f"worker done ({report.stopped_by}) in {report.seconds:.0f}s: {counts or 'no trials'}")
     if report.stopped_by == "memory":

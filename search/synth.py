@@ -26,6 +26,7 @@ import math
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import uuid
 import zipfile
@@ -497,7 +498,11 @@ _POOL_PAINTER: _Painter | None = None  # set in each pool process by _pool_init
 
 
 def _pool_init(painter: _Painter) -> None:
+    """Forked children inherit the parent's signal handlers; the defaults make `terminate()`
+    (SIGTERM) end them and leave Ctrl+C to the parent, whatever the parent had installed."""
     global _POOL_PAINTER
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _POOL_PAINTER = painter
 
 
@@ -528,6 +533,8 @@ def _images(
             yield str(row["file_path"]), data
             if bar:
                 bar.update()
+        pool.close()  # all drawn: let the children exit on their own rather than be killed
+        pool.join()
 
 
 def _write_zip(

@@ -12,12 +12,14 @@ CUDA_VISIBLE_DEVICES is set before any backend starts.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import signal
 import socket
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,9 +54,19 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self.signal is not None
 
-    def install(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopFlag]:
+        """Handle SIGTERM/SIGINT while inside, then put the previous handlers back: a handler
+        left behind in a process that runs a worker in-process (tests, notebooks) would be
+        inherited by every process it forks later, which then ignore `terminate()`."""
+        previous = {
+            sig: signal.signal(sig, self._handle) for sig in (signal.SIGTERM, signal.SIGINT)
+        }
+        try:
+            yield self
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.signal is not None and signum == signal.SIGINT:

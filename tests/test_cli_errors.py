@@ -4,6 +4,7 @@ traceback. Run in-process through search.cli.main (the same code path as the con
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def test_unknown_backbone(env: dict[str, str], workspace: Path, capsys) -> None:
     (workspace / "bad.toml").write_text('[space]\nbackbone = ["resnet9000"]\n')
     code = main(["worker", "--n-trials", "1", "--space", str(workspace / "bad.toml")])
     one_line_error(capsys, code, "unknown backbone 'resnet9000'", "choose one of")
+
+
+def test_a_worker_run_in_process_puts_the_signal_handlers_back(
+    env: dict[str, str], workspace: Path, capsys
+) -> None:
+    """Processes forked later inherit handlers; ours would make them ignore SIGTERM."""
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    (workspace / "bad.toml").write_text('[space]\nbackbone = ["resnet9000"]\n')
+    main(["worker", "--n-trials", "1", "--space", str(workspace / "bad.toml")])
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_unknown_space_parameter(env: dict[str, str], workspace: Path, capsys) -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import io
+import multiprocessing
 import re
+import signal
+import time
 import uuid
 import zipfile
 from pathlib import Path
@@ -25,6 +28,7 @@ from search.synth import (
     METADATA_COLUMNS,
     REAL_TOTAL,
     _draw_shots,
+    _images,
     _real_counts,
     generate,
     load_families,
@@ -254,6 +258,26 @@ def test_real_sizes_spread_extremes_and_variety() -> None:
     modes = [s.mode for s in shots]
     assert 60 <= modes.count("L") <= 180 and 30 <= modes.count("CMYK") <= 90
     assert 150 <= sum(s.orientation != 1 for s in shots) <= 350
+
+
+def _slow_paint(task: tuple[int, int, int, None]) -> bytes:
+    time.sleep(0.05)
+    return b"jpeg"
+
+
+@pytest.mark.timeout(60)
+def test_a_pool_stopped_midway_ends_even_under_a_parent_that_ignores_sigterm() -> None:
+    """A worker run in-process once left its SIGTERM handler in the test process; the forked
+    pool children inherited it, ignored `terminate()`, and generate() hung for 10 minutes."""
+    rows = [{"_family": 0, "_species": 0, "_image": i, "file_path": f"{i}.jpg"} for i in range(40)]
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    try:
+        images = _images(rows, _slow_paint, workers=2, progress=False)
+        assert next(images) == ("0.jpg", b"jpeg")
+        images.close()  # as when writing fails: the pool is terminated with work still queued
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert multiprocessing.active_children() == []
 
 
 def test_real_sizes_files_decode_upright_and_same_bytes_with_a_pool(tmp_path: Path) -> None:
