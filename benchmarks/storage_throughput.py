@@ -5,7 +5,8 @@ A benchmark trial does what a real one (search/trial.py) does to the storage, wi
 training: the worker's storage settings (search.study: heartbeat, pool, TPE sampler with constant
 liar, median pruner asked from its first prunable epoch on), the search space's ten suggestions,
 the trial's attributes written together at its start and at its end (search.study.set_user_attrs),
-one report per epoch (8 epochs) and should_prune from epoch 5, two artifact uploads (checkpoint
+a report per epoch (8 epochs), written together as a head trial's are
+(search.study.reports_together), should_prune from epoch 5, two artifact uploads (checkpoint
 and history, into a folder), the new-best check, tell. Each epoch sleeps TRIAL_S / 8, so the
 CPU (2 cores here) is not what limits 4 workers: what is measured is the storage. Each row runs
 its workers for the same wall time.
@@ -46,6 +47,7 @@ from search.study import (
     is_new_best,
     open_storage,
     params_together,
+    reports_together,
     set_user_attrs,
 )
 
@@ -69,11 +71,12 @@ def objective(trial: optuna.Trial, trial_s: float, store: ArtifactStore) -> floa
         trial.suggest_categorical("batch_size", [16, 32, 64, 128])
         trial.suggest_float("label_smoothing", 0.0, 0.2)
         trial.suggest_float("weight_decay", 1e-6, 1e-2, log=True)
-    for epoch in range(1, EPOCHS + 1):
-        time.sleep(trial_s / EPOCHS)
-        trial.report(0.1 * epoch, epoch)  # the same curve for all: the pruner asks, never prunes
-        if trial.should_prune():
-            raise optuna.TrialPruned()
+    with reports_together(trial):  # as a head trial: written together every few seconds
+        for epoch in range(1, EPOCHS + 1):
+            time.sleep(trial_s / EPOCHS)
+            trial.report(0.1 * epoch, epoch)  # the same curve for all: never pruned
+            if trial.should_prune():
+                raise optuna.TrialPruned()
     attrs: dict[str, Any] = {"feature_key": "bench", "epochs_run": EPOCHS}
     with tempfile.TemporaryDirectory() as tmp:
         for name in ("history", "checkpoint"):

@@ -37,7 +37,13 @@ from search.dataset import PreparedData
 from search.metrics import compute_metrics, macro_f1
 from search.settings import Settings
 from search.space import Dimension, sample
-from search.study import is_new_best, params_together, set_user_attrs
+from search.study import (
+    REPORTS_EVERY_S,
+    is_new_best,
+    params_together,
+    reports_together,
+    set_user_attrs,
+)
 
 CHECKPOINT_NAME = "model.keras"
 HISTORY_NAME = "history.csv"
@@ -158,22 +164,25 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
             monitor="val_macro_f1", mode="max", factor=0.2, patience=3, min_lr=1e-6, verbose=0
         ),
     ]
-    if kind == "head":
-        fit_on_table(
-            trained,
-            train_views,
-            train_y,
-            weights,
-            params,
-            settings.max_epochs,
-            callbacks,
-            seed,
-            table_key=feats.key,
-            phyla=data.phyla,
-        )
-    else:
-        trained.compile(optimizer=make_optimizer(params), loss=make_loss(params, data.phyla))
-        trained.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
+    # A head trial's epochs take milliseconds on a GPU: its reports go to the database together,
+    # every few seconds; an end-to-end trial's epochs are long enough to write each at once.
+    with reports_together(trial, REPORTS_EVERY_S if kind == "head" else 0.0):
+        if kind == "head":
+            fit_on_table(
+                trained,
+                train_views,
+                train_y,
+                weights,
+                params,
+                settings.max_epochs,
+                callbacks,
+                seed,
+                table_key=feats.key,
+                phyla=data.phyla,
+            )
+        else:
+            trained.compile(optimizer=make_optimizer(params), loss=make_loss(params, data.phyla))
+            trained.fit(train, epochs=settings.max_epochs, callbacks=callbacks, verbose=0)
     history = pd.DataFrame(evaluator.rows)
     attrs["epochs_run"] = len(history)
     if evaluator.nan_epoch is not None or evaluator.interrupted or evaluator.pruned:

@@ -5,6 +5,7 @@ Each keeps Optuna's checks, so a finished trial and a clashing distribution are 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -16,7 +17,13 @@ from optuna.trial import TrialState
 from sqlalchemy import event
 
 from search.settings import Settings
-from search.study import create_or_load, make_pruner, open_storage, params_together
+from search.study import (
+    create_or_load,
+    make_pruner,
+    open_storage,
+    params_together,
+    reports_together,
+)
 from tests.test_postgres import fresh_database
 
 BACKENDS = ["postgresql", "sqlite"]
@@ -90,6 +97,69 @@ def test_reports_store_every_kind_of_value_and_refuse_a_finished_trial(
         study.tell(trial, 0.5)
         with pytest.raises(UpdateFinishedTrialError):
             study._storage.set_trial_intermediate_value(trial._trial_id, 5, 0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reports_together_reach_the_storage_in_one_write_every_few_seconds_and_at_the_end(
+    backend: str, tmp_path: Path
+) -> None:
+    with study_on(backend, tmp_path) as study:
+        engine = study._storage._backend.engine
+        writes: list[str] = []
+
+        def count(conn, cursor, statement, params, context, executemany) -> None:  # noqa: ANN001
+            if "INSERT INTO trial_intermediate_values" in statement:
+                writes.append(statement)
+
+        event.listen(engine, "before_cursor_execute", count)
+        trial = study.ask()
+        with reports_together(trial, every_s=3600):
+            for step in range(1, 6):
+                trial.report(step / 10, step)
+            assert not trial.should_prune()  # the trial's own check reads its reports from memory
+            assert stored(study, 0).intermediate_values == {}  # the storage not yet
+        assert stored(study, 0).intermediate_values == {s: s / 10 for s in range(1, 6)}
+        assert len(writes) == 1
+
+        later = study.ask()
+        with reports_together(later, every_s=2.0):
+            later.report(0.1, 1)
+            assert stored(study, 1).intermediate_values == {}
+            time.sleep(2.1)
+            later.report(0.2, 2)  # two seconds on: both written now, without waiting for the end
+            assert stored(study, 1).intermediate_values == {1: 0.1, 2: 0.2}
+            later.report(0.3, 3)
+        assert stored(study, 1).intermediate_values == {1: 0.1, 2: 0.2, 3: 0.3}
+
+        at_once = study.ask()
+        with reports_together(at_once, every_s=0.0):  # what an end-to-end trial uses
+            at_once.report(0.4, 1)
+            assert stored(study, 2).intermediate_values == {1: 0.4}
+        event.remove(engine, "before_cursor_execute", count)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_trial_pruned_inside_reports_together_keeps_its_curve_and_value(
+    backend: str, tmp_path: Path
+) -> None:
+    """The block is left by the exception that prunes the trial; its reports are written on
+    the way out, so tell() gives the pruned trial its last report as value (Optuna's rule)."""
+    with study_on(backend, tmp_path) as study:
+        trial = study.ask()
+        with pytest.raises(optuna.TrialPruned):
+            with reports_together(trial, every_s=3600):
+                trial.report(0.3, 1)
+                trial.report(0.2, 2)
+                raise optuna.TrialPruned()
+        study.tell(trial, state=TrialState.PRUNED)
+        pruned = stored(study, 0)
+        assert pruned.intermediate_values == {1: 0.3, 2: 0.2} and pruned.value == 0.2
+
+        done = study.ask()
+        study.tell(done, 0.5)
+        with pytest.raises(UpdateFinishedTrialError):  # Optuna's check, at the write
+            with reports_together(done, every_s=3600):
+                done.report(0.1, 1)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
