@@ -3,6 +3,7 @@ status`), in new studies and in studies created before it was named."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import optuna
@@ -41,6 +42,7 @@ def test_a_worker_names_the_objective_of_an_older_study(
     assert old.metric_names is None
 
     run_worker(settings, n_trials=1)  # the worker command's own code, in this process
+    assert gc.get_freeze_count() == 0  # its frozen objects are given back to the collector
 
     study = load(open_storage(settings, heartbeat=False), settings)
     assert study.metric_names == ["validation macro-F1"]

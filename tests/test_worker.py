@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
+import weakref
 from pathlib import Path
 
 import keras
@@ -12,6 +14,7 @@ from optuna.trial import TrialState
 
 from search.settings import Settings
 from search.study import load, open_storage
+from search.worker import long_lived_objects_frozen
 from tests.conftest import SEARCH, search_env
 
 N_TRIALS = 9
@@ -91,3 +94,22 @@ def test_a_worker_past_its_memory_limit_starts_afresh_as_the_same_process(
     trials = load(open_storage(settings, heartbeat=False), settings).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2
     assert trials[0].user_attrs["worker"] == trials[1].user_attrs["worker"]  # host:pid
+
+
+def test_long_lived_objects_are_frozen_only_while_the_worker_runs() -> None:
+    """Full collections skip Keras's and TensorFlow's objects inside the block, garbage made
+    inside is still collected, and the process gets its collector back as it was."""
+
+    class Node:
+        pass
+
+    before = gc.get_freeze_count()
+    with long_lived_objects_frozen():
+        assert gc.get_freeze_count() > before + 100_000  # keras, tensorflow, optuna, ...
+        node = Node()
+        node.itself = node  # a cycle: only the collector frees it
+        ref = weakref.ref(node)
+        del node
+        gc.collect()
+        assert ref() is None
+    assert gc.get_freeze_count() == before
