@@ -48,9 +48,8 @@ TRANSIENT = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)
 UPSERTS = {"postgresql": pg_dialect.insert, "sqlite": sqlite_dialect.insert}
 # A suggested parameter waiting to be written: name, internal value, distribution, previous one.
 _Param = tuple[str, float, optuna.distributions.BaseDistribution, Any]
-REPORTS_EVERY_S = (
-    5.0  # a trial's reports reach the database at least this often (see reports_together)
-)
+# A head trial's reports reach the database at least this often (see reports_together).
+REPORTS_EVERY_S = 5.0
 SCHEMA_LOCK = 0x5EA4C4  # pg_advisory_lock key: one process at a time creates the tables
 
 
