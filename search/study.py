@@ -14,7 +14,7 @@ import sqlite3
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,7 +31,7 @@ from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import GrpcStorageProxy, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.dialects import postgresql as pg_dialect
 from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import make_url
@@ -151,6 +151,26 @@ class ResilientRDBStorage(RDBStorage):
         super().__init__(*args, **kwargs)
         self._pending_params: dict[int, list[_Param]] = {}
         self._pending_reports: dict[int, _Reports] = {}
+        # The trial this process last started (created, or taken from the queue): an outage
+        # in `ask`, after the trial is running but before the worker has it, would otherwise
+        # leave it RUNNING for good, with no heartbeat for anyone to find it stale by.
+        self.last_started_trial_id: int | None = None
+
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
+        trial = super()._create_new_trial(study_id, template_trial)
+        if trial.state == TrialState.RUNNING:
+            self.last_started_trial_id = trial._trial_id
+        return trial
+
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
+        changed = super().set_trial_state_values(trial_id, state, values)
+        if changed and state == TrialState.RUNNING:  # a queued trial taken by this process
+            self.last_started_trial_id = trial_id
+        return changed
 
     @contextlib.contextmanager
     def params_together(self, trial_id: int) -> Iterator[None]:

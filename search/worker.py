@@ -40,6 +40,7 @@ from search.study import (
     library_versions,
     open_artifact_store,
     open_storage,
+    rdb_behind,
 )
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
@@ -243,6 +244,7 @@ def _run(
 
     outages_in_a_row = 0
     cut_off: int | None = None  # a trial a storage outage interrupted, to fail and requeue
+    cut_off_in_ask = False  # cut_off was last started in `ask`: settle it only if still RUNNING
     log(f"worker: joined study {settings.study!r} ({len(data.classes)} families)")
     with long_lived_objects_frozen():
         while True:
@@ -254,8 +256,8 @@ def _run(
                 break
             try:
                 if cut_off is not None:
-                    settle_cut_off_trial(study, cut_off, retry)
-                    cut_off = None
+                    settle_cut_off_trial(study, cut_off, retry, only_if_running=cut_off_in_ask)
+                    cut_off, cut_off_in_ask = None, False
                 if n_trials is not None:
                     counts = study.get_trials(
                         deepcopy=False, states=(*FINISHED, TrialState.WAITING)
@@ -288,6 +290,9 @@ def _run(
                 if not storage_outage(exc):
                     raise
                 cut_off = in_progress.pop("trial_id", cut_off)
+                if cut_off is None:  # perhaps a trial it had just started in `ask`
+                    started = getattr(rdb_behind(study._storage), "last_started_trial_id", None)
+                    cut_off, cut_off_in_ask = started, True
                 outages_in_a_row += 1
                 if outages_in_a_row > MAX_OUTAGE_TRIES:
                     raise StorageError(
@@ -316,12 +321,18 @@ def requeue(
 
 
 def settle_cut_off_trial(
-    study: optuna.Study, trial_id: int, retry: RetryHeartbeatStaleTrialCallback
+    study: optuna.Study,
+    trial_id: int,
+    retry: RetryHeartbeatStaleTrialCallback,
+    only_if_running: bool = False,
 ) -> None:
     """After an outage: fail this worker's interrupted trial if it is still RUNNING, and requeue
-    it unless someone (a worker that found it stale) already did."""
+    it unless someone (a worker that found it stale) already did. `only_if_running`: a trial
+    last started in `ask`, which may have finished long before (a NaN loss, already FAIL)."""
     storage = study._storage
     trial = storage.get_trial(trial_id)
+    if only_if_running and trial.state != TrialState.RUNNING:
+        return
     if trial.state == TrialState.RUNNING:
         try:
             storage.set_trial_user_attr(trial_id, "fail_reason", "storage connection lost")

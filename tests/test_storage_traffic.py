@@ -208,3 +208,22 @@ def test_the_median_pruner_reads_the_study_once_per_trial_and_still_prunes(
             if bad.should_prune():
                 break
         assert step == 5  # the first step past the median's 5 warm-up steps
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_the_storage_knows_the_trial_this_process_last_started(
+    backend: str, tmp_path: Path
+) -> None:
+    """What a worker settles after an outage that hit `ask` before the trial reached it: a new
+    trial, or one taken from the queue; not the queued one, nor one told finished."""
+    with study_on(backend, tmp_path) as study:
+        storage = study._storage._backend
+        assert storage.last_started_trial_id is None
+        new = study.ask()
+        assert storage.last_started_trial_id == new._trial_id
+        study.tell(new, 0.5)
+        study.enqueue_trial({"x": 0.5})
+        assert storage.last_started_trial_id == new._trial_id  # queued is not started
+        queued = study.ask()
+        assert queued._trial_id != new._trial_id
+        assert storage.last_started_trial_id == queued._trial_id
