@@ -273,8 +273,6 @@ class ResilientRDBStorage(RDBStorage):
                         session, trial_id, step, value
                     )
                 return
-            trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
-            self.check_trial_is_updatable(trial_id, trial.state)
             model = rdb_models.TrialIntermediateValueModel
             rows = []
             for step, value in values.items():
@@ -287,16 +285,32 @@ class ResilientRDBStorage(RDBStorage):
                         "intermediate_value_type": kind,
                     }
                 )
-            statement = insert(model).values(rows)
-            session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.step],
-                    set_={
-                        "intermediate_value": statement.excluded.intermediate_value,
-                        "intermediate_value_type": statement.excluded.intermediate_value_type,
-                    },
-                )
+            self._upsert_for_running_trial(
+                session, trial_id, insert, model, rows, ("trial_id", "step")
             )
+
+    def _upsert_for_running_trial(
+        self,
+        session: sqlalchemy.orm.Session,
+        trial_id: int,
+        insert: Callable[..., Any],
+        model: Any,
+        rows: list[dict[str, Any]],
+        keys: tuple[str, ...],
+    ) -> None:
+        """Optuna's check that the trial is still running, then all `rows` in one
+        INSERT ... ON CONFLICT (keys) DO UPDATE of the other columns."""
+        trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+        self.check_trial_is_updatable(trial_id, trial.state)
+        if not rows:
+            return
+        statement = insert(model).values(rows)
+        session.execute(
+            statement.on_conflict_do_update(
+                index_elements=[getattr(model, k) for k in keys],
+                set_={c: statement.excluded[c] for c in rows[0] if c not in keys},
+            )
+        )
 
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes in one statement and one transaction: RDBStorage writes one
@@ -304,11 +318,11 @@ class ResilientRDBStorage(RDBStorage):
         The same checks and upsert as Optuna's, for PostgreSQL and SQLite; one by one, in one
         transaction, on other databases."""
         model = rdb_models.TrialUserAttributeModel
+        insert = UPSERTS.get(self.engine.name)
         with _create_scoped_session(self.scoped_session, True) as session:
-            trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
-            self.check_trial_is_updatable(trial_id, trial.state)
-            insert = UPSERTS.get(self.engine.name)
             if insert is None:
+                trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+                self.check_trial_is_updatable(trial_id, trial.state)
                 for key, value in attrs.items():
                     self._set_trial_attr_without_commit(session, model, trial_id, key, value)
                 return
@@ -316,12 +330,8 @@ class ResilientRDBStorage(RDBStorage):
                 {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
                 for k, v in attrs.items()
             ]
-            statement = insert(model).values(rows)
-            session.execute(
-                statement.on_conflict_do_update(
-                    index_elements=[model.trial_id, model.key],
-                    set_={"value_json": statement.excluded.value_json},
-                )
+            self._upsert_for_running_trial(
+                session, trial_id, insert, model, rows, ("trial_id", "key")
             )
 
 
