@@ -12,7 +12,7 @@ CPU (2 cores here) is not what limits 4 workers: what is measured is the storage
 its workers for the same wall time.
 
     .venv/bin/python benchmarks/storage_throughput.py [--seconds 12] [--trial-s 0.4]
-        [--pg postgresql://postgres@127.0.0.1:5432/postgres]
+        [--pg postgresql://postgres@127.0.0.1:5432/postgres] [--loop-rounds 5]
 
 Columns: trials/hour across all workers; "vs ideal" = that / (workers x 3600 / TRIAL_S), the
 share of time workers spend training rather than waiting on the storage; "storage ms/trial" =
@@ -21,6 +21,10 @@ sessions half-way through. Rows sample at random, so that the sampler's CPU time
 grows with the study) is not counted as storage time; the "+TPE" row shows it with the
 workers' own sampler. "overhead" rows run one worker with TRIAL_S = 0: nothing but storage
 round trips. Every study starts with 30 trials, so tables and TPE are past their start-up.
+
+Then, less noisy on a shared machine: one worker in this process runs rounds of 60 empty
+trials; per trial, the median over rounds of wall ms, this process's CPU ms and SQL statements.
+To compare two versions, run it in a checkout of each (git worktree) one after the other.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import shutil
+import statistics
 import tempfile
 import time
 import uuid
@@ -39,10 +44,12 @@ import psycopg
 from common import log, machine
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 from optuna.artifacts._protocol import ArtifactStore
+from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from search.settings import Settings
 from search.study import (
+    attrs_together,
     create_or_load,
     is_new_best,
     open_storage,
@@ -78,17 +85,17 @@ def objective(trial: optuna.Trial, trial_s: float, store: ArtifactStore) -> floa
             if trial.should_prune():
                 raise optuna.TrialPruned()
     attrs: dict[str, Any] = {"feature_key": "bench", "epochs_run": EPOCHS}
-    with tempfile.TemporaryDirectory() as tmp:
+    with attrs_together(trial), tempfile.TemporaryDirectory() as tmp:  # as a trial's end
         for name in ("history", "checkpoint"):
             path = Path(tmp) / name
             path.write_bytes(b"x" * 1024)
             attrs[name] = upload_artifact(
                 artifact_store=store, file_path=str(path), study_or_trial=trial
             )
-    attrs.update({f"val_{m}": 0.5 for m in ("accuracy", "top5_accuracy", "macro_f1",
-                                             "weighted_f1", "auc", "loss")})  # fmt: skip
-    attrs.update(checkpoint_kind="head", best_epoch=EPOCHS, train_seconds=trial_s)
-    set_user_attrs(trial, attrs)
+        attrs.update({f"val_{m}": 0.5 for m in ("accuracy", "top5_accuracy", "macro_f1",
+                                                 "weighted_f1", "auc", "loss")})  # fmt: skip
+        attrs.update(checkpoint_kind="head", best_epoch=EPOCHS, train_seconds=trial_s)
+        set_user_attrs(trial, attrs)
     is_new_best(trial, 0.8 + lr)
     return 0.8 + lr
 
@@ -155,6 +162,32 @@ def run(
     }
 
 
+def loop(url: str, rounds: int, trials: int = 60) -> dict[str, float]:
+    """Median per empty trial over `rounds` rounds of one in-process worker: wall ms, CPU ms
+    (this process only, which other load on the machine barely changes), SQL statements."""
+    handle, storage = open_study(url, f"loop-{uuid.uuid4().hex[:8]}", "random")
+    store = FileSystemArtifactStore(tempfile.mkdtemp(prefix="bench-artifacts-"))
+    handle.optimize(lambda t: objective(t, 0.0, store), n_trials=WARM_UP)
+    executed = [0]
+
+    def count(*_: Any) -> None:
+        executed[0] += 1
+
+    event.listen(storage.engine, "before_cursor_execute", count)
+    walls, cpus, statements = [], [], []
+    for _ in range(rounds):
+        executed[0] = 0
+        wall, cpu = time.perf_counter(), time.process_time()
+        handle.optimize(lambda t: objective(t, 0.0, store), n_trials=trials)
+        walls.append((time.perf_counter() - wall) / trials * 1000)
+        cpus.append((time.process_time() - cpu) / trials * 1000)
+        statements.append(executed[0] / trials)
+    event.remove(storage.engine, "before_cursor_execute", count)
+    storage.engine.dispose()
+    median = statistics.median
+    return {"wall": median(walls), "cpu": median(cpus), "statements": median(statements)}
+
+
 def pg_connections(url: str) -> int:
     database = make_url(url).database
     admin = make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
@@ -183,6 +216,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=12.0, help="wall time per row")
     parser.add_argument("--trial-s", dest="trial_s", type=float, default=0.4)
     parser.add_argument("--pg", default="postgresql://postgres@127.0.0.1:5432/postgres")
+    parser.add_argument("--loop-rounds", dest="loop_rounds", type=int, default=5)
     args = parser.parse_args()
     log(f"storage throughput on {machine()}; trials of {args.trial_s}s, {args.seconds}s per row")
 
@@ -190,6 +224,7 @@ def main() -> None:
     pg_url, pg_name = fresh_pg_database(args.pg)
     storages = {"sqlite": f"sqlite:///{tmp / 'bench.sqlite3'}", "postgresql": pg_url}
     rows: list[tuple[str, str, dict]] = []
+    loops: dict[str, dict[str, float]] = {}
     try:
         for name, url in storages.items():
             log(f"{name}: storage overhead (1 worker, empty trials)")
@@ -198,6 +233,9 @@ def main() -> None:
             for n in (1, 2, 4):
                 log(f"{name}: {n} worker(s)")
                 rows.append((name, f"{n} workers", run(url, n, args.trial_s, args.seconds)))
+        for name, url in storages.items():
+            log(f"{name}: {args.loop_rounds} rounds of 60 empty trials in this process")
+            loops[name] = loop(url, args.loop_rounds)
     finally:
         drop_pg_database(args.pg, pg_name)
         shutil.rmtree(tmp, ignore_errors=True)
@@ -219,6 +257,12 @@ def main() -> None:
         print(f"{storage}: 4 workers deliver {four['per_hour'] / one['per_hour']:.2f}x one worker")
     pg, sq = by[("postgresql", "overhead")], by[("sqlite", "overhead")]
     print(f"storage cost per trial, postgresql / sqlite: {pg['storage_ms'] / sq['storage_ms']:.2f}")
+    for storage, r in loops.items():
+        print(
+            f"{storage}: one worker, empty trials, median of {args.loop_rounds} rounds: "
+            f"{r['wall']:.1f} ms wall, {r['cpu']:.1f} ms CPU, {r['statements']:.0f} SQL statements"
+            " per trial"
+        )
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ artifact store (a folder, or S3-compatible storage) and the gRPC storage proxy f
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.metadata
 import json
 import platform
@@ -14,7 +15,7 @@ import sqlite3
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -29,6 +30,7 @@ from filelock import FileLock
 from optuna.artifacts import Boto3ArtifactStore, FileSystemArtifactStore
 from optuna.artifacts._protocol import ArtifactStore
 from optuna.storages import GrpcStorageProxy, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._cached_storage import _CachedStorage
 from optuna.storages._rdb import models as rdb_models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
@@ -60,6 +62,14 @@ class _Reports:
     every_s: float
     written_at: float
     values: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class _Attrs:
+    """A trial's user and system attributes not written yet."""
+
+    user: dict[str, Any] = field(default_factory=dict)
+    system: dict[str, Any] = field(default_factory=dict)
 
 
 def redact(url: str) -> str:
@@ -151,6 +161,11 @@ class ResilientRDBStorage(RDBStorage):
         super().__init__(*args, **kwargs)
         self._pending_params: dict[int, list[_Param]] = {}
         self._pending_reports: dict[int, _Reports] = {}
+        self._pending_attrs: dict[int, _Attrs] = {}
+        # The trial this process has just created, until the first read of a trial: Optuna's
+        # `ask` reads the trial it created straight back (6 queries), and it can only hold
+        # what creating it returned, since nothing else knows of it yet.
+        self._just_created: FrozenTrial | None = None
         # The trial this process last started (created, or taken from the queue): an outage
         # in `ask`, after the trial is running but before the worker has it, would otherwise
         # leave it RUNNING for good, with no heartbeat for anyone to find it stale by.
@@ -162,7 +177,25 @@ class ResilientRDBStorage(RDBStorage):
         trial = super()._create_new_trial(study_id, template_trial)
         if trial.state == TrialState.RUNNING:
             self.last_started_trial_id = trial._trial_id
+        self._just_created = trial if template_trial is None else None
         return trial
+
+    def get_trial(self, trial_id: int) -> FrozenTrial:
+        created, self._just_created = self._just_created, None
+        if created is not None and created._trial_id == trial_id:
+            return copy.deepcopy(created)  # Optuna's cache keeps the object it created
+        return super().get_trial(trial_id)
+
+    def has_waiting_trials(self, study_id: int) -> bool:
+        """Whether the study's queue holds a trial (one indexed query)."""
+        trials = rdb_models.TrialModel.__table__
+        query = (
+            sqlalchemy.select(trials.c.trial_id)
+            .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
+            .limit(1)
+        )
+        with self.engine.connect() as conn:
+            return conn.execute(query).first() is not None
 
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
@@ -285,23 +318,19 @@ class ResilientRDBStorage(RDBStorage):
                         "intermediate_value_type": kind,
                     }
                 )
-            self._upsert_for_running_trial(
-                session, trial_id, insert, model, rows, ("trial_id", "step")
-            )
+            trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self.check_trial_is_updatable(trial_id, trial.state)
+            self._upsert(session, insert, model, rows, ("trial_id", "step"))
 
-    def _upsert_for_running_trial(
-        self,
+    @staticmethod
+    def _upsert(
         session: sqlalchemy.orm.Session,
-        trial_id: int,
         insert: Callable[..., Any],
         model: Any,
         rows: list[dict[str, Any]],
         keys: tuple[str, ...],
     ) -> None:
-        """Optuna's check that the trial is still running, then all `rows` in one
-        INSERT ... ON CONFLICT (keys) DO UPDATE of the other columns."""
-        trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
-        self.check_trial_is_updatable(trial_id, trial.state)
+        """All `rows` in one INSERT ... ON CONFLICT (keys) DO UPDATE of the other columns."""
         if not rows:
             return
         statement = insert(model).values(rows)
@@ -312,27 +341,89 @@ class ResilientRDBStorage(RDBStorage):
             )
         )
 
+    @contextlib.contextmanager
+    def attrs_together(self, trial_id: int) -> Iterator[None]:
+        """Within the block, the trial's user and system attributes (artifact uploads record
+        theirs as system attributes) are kept and written in one transaction when the block
+        ends, also by an exception: at a trial's end that is one transaction instead of one
+        per artifact and one for the attributes. Nothing reads them back from the storage in
+        between: the trial keeps its user attributes in memory."""
+        pending = self._pending_attrs[trial_id] = _Attrs()
+        try:
+            yield
+        finally:
+            del self._pending_attrs[trial_id]
+            if pending.user or pending.system:
+                self._write_attrs(trial_id, pending)
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        pending = self._pending_attrs.get(trial_id)
+        if pending is None:
+            super().set_trial_system_attr(trial_id, key, value)
+            return
+        pending.system[key] = value
+
     def set_trial_user_attrs(self, trial_id: int, attrs: dict[str, Any]) -> None:
         """Several user attributes in one statement and one transaction: RDBStorage writes one
         attribute per transaction (a look-up, an upsert and a commit, with its fsync, each).
-        The same checks and upsert as Optuna's, for PostgreSQL and SQLite; one by one, in one
-        transaction, on other databases."""
-        model = rdb_models.TrialUserAttributeModel
+        Within `attrs_together` they are kept until the block ends."""
+        pending = self._pending_attrs.get(trial_id)
+        if pending is None:
+            self._write_attrs(trial_id, _Attrs(user=dict(attrs)))
+            return
+        pending.user.update(attrs)
+
+    def _write_attrs(self, trial_id: int, attrs: _Attrs) -> None:
+        """User and system attributes in one transaction: the same checks and upsert as
+        Optuna's, one statement per kind on PostgreSQL and SQLite; one by one on others."""
+        kinds = (
+            (rdb_models.TrialUserAttributeModel, attrs.user),
+            (rdb_models.TrialSystemAttributeModel, attrs.system),
+        )
         insert = UPSERTS.get(self.engine.name)
         with _create_scoped_session(self.scoped_session, True) as session:
-            if insert is None:
-                trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
-                self.check_trial_is_updatable(trial_id, trial.state)
-                for key, value in attrs.items():
-                    self._set_trial_attr_without_commit(session, model, trial_id, key, value)
-                return
-            rows = [
-                {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
-                for k, v in attrs.items()
-            ]
-            self._upsert_for_running_trial(
-                session, trial_id, insert, model, rows, ("trial_id", "key")
-            )
+            trial = rdb_models.TrialModel.find_or_raise_by_id(trial_id, session)
+            self.check_trial_is_updatable(trial_id, trial.state)
+            for model, values in kinds:
+                if insert is None:
+                    for key, value in values.items():
+                        self._set_trial_attr_without_commit(session, model, trial_id, key, value)
+                    continue
+                rows = [
+                    {"trial_id": trial_id, "key": k, "value_json": json.dumps(v)}
+                    for k, v in values.items()
+                ]
+                self._upsert(session, insert, model, rows, ("trial_id", "key"))
+
+
+class QueueAwareCachedStorage(_CachedStorage):
+    """Optuna's trial cache (what `optuna.load_study` wraps an RDB storage in), except that
+    `ask` looks for a queued trial with one indexed query: Optuna reads every unfinished trial
+    of the study whole for it (7 queries, all other workers' running trials with their
+    parameters, attributes and reports), to find that none is queued, as is almost always the
+    case. Uses Optuna's private `_CachedStorage` on purpose (optuna is pinned to 5.x)."""
+
+    def get_all_trials(
+        self,
+        study_id: int,
+        deepcopy: bool = True,
+        states: Container[TrialState] | None = None,
+    ) -> list[FrozenTrial]:
+        backend = self._backend
+        if (
+            states == (TrialState.WAITING,)
+            and isinstance(backend, ResilientRDBStorage)
+            and not backend.has_waiting_trials(study_id)
+        ):
+            return []
+        return super().get_all_trials(study_id, deepcopy, states)
+
+
+def cached(storage: RDBStorage | GrpcStorageProxy) -> optuna.storages.BaseStorage:
+    """The storage a study opens: our RDB storage behind Optuna's trial cache."""
+    if isinstance(storage, ResilientRDBStorage):
+        return QueueAwareCachedStorage(storage)
+    return storage
 
 
 def rdb_behind(storage: optuna.storages.BaseStorage) -> RDBStorage | None:
@@ -353,6 +444,19 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
         return
     backend.set_trial_user_attrs(trial._trial_id, attrs)
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr does too
+
+
+@contextlib.contextmanager
+def attrs_together(trial: optuna.Trial) -> Iterator[None]:
+    """Write the trial's user and system attributes set within the block (artifact uploads
+    included) in one transaction at its end on our RDB storage (see
+    ResilientRDBStorage.attrs_together); one by one on any other."""
+    backend = rdb_behind(trial.storage)
+    if not isinstance(backend, ResilientRDBStorage):
+        yield
+        return
+    with backend.attrs_together(trial._trial_id):
+        yield
 
 
 @contextlib.contextmanager
@@ -604,7 +708,7 @@ def create_or_load(storage: RDBStorage, settings: Settings) -> optuna.Study:
 
     def create() -> optuna.Study:
         return optuna.create_study(
-            storage=storage,
+            storage=cached(storage),
             study_name=settings.study,
             direction="maximize",
             sampler=make_sampler(),
@@ -625,7 +729,7 @@ def load(storage: RDBStorage, settings: Settings) -> optuna.Study:
     def get() -> optuna.Study:
         return optuna.load_study(
             study_name=settings.study,
-            storage=storage,
+            storage=cached(storage),
             sampler=make_sampler(),
             pruner=make_pruner(settings.pruner, settings.max_epochs),
         )

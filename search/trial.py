@@ -39,6 +39,7 @@ from search.settings import Settings
 from search.space import Dimension, sample
 from search.study import (
     REPORTS_EVERY_S,
+    attrs_together,
     is_new_best,
     params_together,
     reports_together,
@@ -195,7 +196,8 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
         raise optuna.TrialPruned(f"pruned at epoch {len(history)}")
     model.set_weights(evaluator.best_weights)
     probabilities = held_out_probabilities(model, evaluator.best_probs, val_y, held_out)
-    with tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
+    # The uploads' records and the attributes: one transaction at the block's end.
+    with attrs_together(trial), tempfile.TemporaryDirectory(prefix="search-trial-") as tmp:
         csv, checkpoint = Path(tmp) / HISTORY_NAME, Path(tmp) / CHECKPOINT_NAME
         probs_file = Path(tmp) / PROBABILITIES_NAME
         history.to_csv(csv, index=False)
@@ -209,15 +211,15 @@ def _train(trial: optuna.Trial, env: TrialEnv, params: dict[str, Any], seed: int
             attrs[attr] = upload_artifact(
                 artifact_store=env.artifact_store, file_path=str(path), study_or_trial=trial
             )
-    best_metrics = compute_metrics(val_y, evaluator.best_probs)
-    attrs.update({f"val_{name}": value for name, value in best_metrics.items()})
-    attrs["val_macro_f1_flip"] = macro_f1(val_y, probabilities["val_flip"].astype(np.float32))
-    attrs.update(
-        checkpoint_kind=kind,
-        best_epoch=evaluator.best_epoch,
-        train_seconds=round(time.monotonic() - started, 2),
-    )
-    set_user_attrs(trial, attrs)
+        best_metrics = compute_metrics(val_y, evaluator.best_probs)
+        attrs.update({f"val_{name}": value for name, value in best_metrics.items()})
+        attrs["val_macro_f1_flip"] = macro_f1(val_y, probabilities["val_flip"].astype(np.float32))
+        attrs.update(
+            checkpoint_kind=kind,
+            best_epoch=evaluator.best_epoch,
+            train_seconds=round(time.monotonic() - started, 2),
+        )
+        set_user_attrs(trial, attrs)
     if is_new_best(trial, evaluator.best_value):
         save_plotly_graph_object(
             trial.study,

@@ -1,6 +1,8 @@
 """What a trial writes to and reads from the study storage, on PostgreSQL and SQLite: the
-parameters written together, reports as upserts, and the pruner's one study read per trial.
-Each keeps Optuna's checks, so a finished trial and a clashing distribution are still refused."""
+parameters written together, reports as upserts, the attributes and artifact records of a
+trial's end written together, `ask` without reading the queue or its new trial back, and the
+pruner's one study read per trial. Each keeps Optuna's checks, so a finished trial and a
+clashing distribution are still refused."""
 
 from __future__ import annotations
 
@@ -12,17 +14,20 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.artifacts import FileSystemArtifactStore, get_all_artifact_meta, upload_artifact
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 from sqlalchemy import event
 
 from search.settings import Settings
 from search.study import (
+    attrs_together,
     create_or_load,
     make_pruner,
     open_storage,
     params_together,
     reports_together,
+    set_user_attrs,
 )
 from tests.test_postgres import fresh_database
 
@@ -227,3 +232,101 @@ def test_the_storage_knows_the_trial_this_process_last_started(
         queued = study.ask()
         assert queued._trial_id != new._trial_id
         assert storage.last_started_trial_id == queued._trial_id
+
+
+@contextmanager
+def statements(study: optuna.Study) -> Iterator[list[str]]:
+    """Every SQL statement the study's storage runs within the block."""
+    engine = study._storage._backend.engine
+    seen: list[str] = []
+
+    def keep(conn, cursor, statement, params, context, executemany) -> None:  # noqa: ANN001
+        seen.append(" ".join(statement.split()))
+
+    event.listen(engine, "before_cursor_execute", keep)
+    try:
+        yield seen
+    finally:
+        event.remove(engine, "before_cursor_execute", keep)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ask_neither_reads_the_running_trials_for_an_empty_queue_nor_its_new_trial_back(
+    backend: str, tmp_path: Path
+) -> None:
+    """Optuna's `ask` reads every unfinished trial whole to find the queue empty, then reads
+    the trial it created back; here one small query looks at the queue, and the new trial is
+    what creating it returned, the same as another worker reads. Queued trials still come
+    first."""
+    with study_on(backend, tmp_path) as study:
+        other = optuna.load_study(study_name=study.study_name, storage=study._storage._backend.url)
+        running = other.ask()  # another worker's trial, running
+        running.suggest_float("x", 0.0, 1.0)
+        running.report(0.3, 1)
+        with statements(study) as seen:
+            trial = study.ask()
+        whole_reads = [s for s in seen if "FROM trial_params" in s or "FROM trial_values" in s]
+        assert whole_reads == [], whole_reads
+        again = stored(study, trial.number)
+        assert trial.number == 1 and trial._trial_id == again._trial_id
+        assert trial.datetime_start == again.datetime_start
+        assert trial._cached_frozen_trial.state == again.state == TrialState.RUNNING
+        assert trial.params == again.params == {}
+        x = trial.suggest_float("x", 0.0, 1.0)
+        study.tell(trial, 0.5)
+        assert stored(study, 1).params == {"x": x}
+
+        study.enqueue_trial({"x": 0.25})
+        queued = study.ask()
+        assert queued.number == 2 and queued.suggest_float("x", 0.0, 1.0) == 0.25
+        study.tell(queued, 0.4)
+        fresh = study.ask()  # the queue is empty again: a new trial
+        assert fresh.number == 3 and stored(study, 3).state == TrialState.RUNNING
+        other.tell(running, 0.1)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_attrs_together_write_the_uploads_and_attributes_of_a_trials_end_in_one_transaction(
+    backend: str, tmp_path: Path
+) -> None:
+    store = FileSystemArtifactStore(str(tmp_path / "artifacts"))
+    (tmp_path / "artifacts").mkdir()
+    (tmp_path / "history.csv").write_text("epoch,val_macro_f1\n1,0.5\n")
+    (tmp_path / "checkpoint.keras").write_bytes(b"weights")
+    with study_on(backend, tmp_path) as study:
+        trial = study.ask()
+        with statements(study) as seen:
+            with attrs_together(trial):
+                ids = {
+                    name: upload_artifact(
+                        artifact_store=store,
+                        file_path=str(tmp_path / name),
+                        study_or_trial=trial,
+                    )
+                    for name in ("history.csv", "checkpoint.keras")
+                }
+                set_user_attrs(trial, {"history": ids["history.csv"], "best_epoch": 3})
+                assert trial.user_attrs["best_epoch"] == 3  # the trial sees them at once
+                assert stored(study, 0).user_attrs == {}  # the storage not yet
+                assert get_all_artifact_meta(stored(study, 0), storage=study._storage) == []
+        assert sum(s.startswith("INSERT") for s in seen) == 2  # user and system attributes
+        assert stored(study, 0).user_attrs == {"history": ids["history.csv"], "best_epoch": 3}
+        metas = get_all_artifact_meta(stored(study, 0), storage=study._storage)
+        assert {m.artifact_id: m.filename for m in metas} == {
+            ids["history.csv"]: "history.csv",
+            ids["checkpoint.keras"]: "checkpoint.keras",
+        }
+
+        failing = study.ask()
+        with pytest.raises(RuntimeError, match="disk full"):
+            with attrs_together(failing):
+                set_user_attrs(failing, {"epochs_run": 2})
+                raise RuntimeError("disk full")
+        assert stored(study, 1).user_attrs == {"epochs_run": 2}  # written on the way out
+
+        done = study.ask()
+        study.tell(done, 0.2)
+        with pytest.raises(UpdateFinishedTrialError):
+            with attrs_together(done):
+                study._storage.set_trial_system_attr(done._trial_id, "late", 1)
+        assert "late" not in stored(study, 2).system_attrs
