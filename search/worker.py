@@ -291,8 +291,8 @@ def _run(
                     raise
                 cut_off = in_progress.pop("trial_id", cut_off)
                 if cut_off is None:  # perhaps a trial it had just started in `ask`
-                    started = getattr(rdb_behind(study._storage), "last_started_trial_id", None)
-                    cut_off, cut_off_in_ask = started, True
+                    cut_off = getattr(rdb_behind(study._storage), "last_started_trial_id", None)
+                    cut_off_in_ask = True
                 outages_in_a_row += 1
                 if outages_in_a_row > MAX_OUTAGE_TRIES:
                     raise StorageError(
