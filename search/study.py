@@ -186,17 +186,6 @@ class ResilientRDBStorage(RDBStorage):
             return copy.deepcopy(created)  # Optuna's cache keeps the object it created
         return super().get_trial(trial_id)
 
-    def has_waiting_trials(self, study_id: int) -> bool:
-        """Whether the study's queue holds a trial (one indexed query)."""
-        trials = rdb_models.TrialModel.__table__
-        query = (
-            sqlalchemy.select(trials.c.trial_id)
-            .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
-            .limit(1)
-        )
-        with self.engine.connect() as conn:
-            return conn.execute(query).first() is not None
-
     def set_trial_state_values(
         self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
     ) -> bool:
@@ -409,19 +398,25 @@ class QueueAwareCachedStorage(_CachedStorage):
         deepcopy: bool = True,
         states: Container[TrialState] | None = None,
     ) -> list[FrozenTrial]:
-        backend = self._backend
-        if (
-            states == (TrialState.WAITING,)
-            and isinstance(backend, ResilientRDBStorage)
-            and not backend.has_waiting_trials(study_id)
-        ):
+        if states == (TrialState.WAITING,) and not self._has_waiting_trials(study_id):
             return []
         return super().get_all_trials(study_id, deepcopy, states)
 
+    def _has_waiting_trials(self, study_id: int) -> bool:
+        """Whether the study's queue holds a trial (one indexed query)."""
+        trials = rdb_models.TrialModel.__table__
+        query = (
+            sqlalchemy.select(trials.c.trial_id)
+            .where(trials.c.study_id == study_id, trials.c.state == TrialState.WAITING)
+            .limit(1)
+        )
+        with self._backend.engine.connect() as conn:
+            return conn.execute(query).first() is not None
+
 
 def cached(storage: RDBStorage | GrpcStorageProxy) -> optuna.storages.BaseStorage:
-    """The storage a study opens: our RDB storage behind Optuna's trial cache."""
-    if isinstance(storage, ResilientRDBStorage):
+    """The storage a study opens: an RDB storage behind Optuna's trial cache."""
+    if isinstance(storage, RDBStorage):
         return QueueAwareCachedStorage(storage)
     return storage
 
@@ -446,42 +441,37 @@ def set_user_attrs(trial: optuna.Trial, attrs: dict[str, Any]) -> None:
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what Trial.set_user_attr does too
 
 
-@contextlib.contextmanager
-def attrs_together(trial: optuna.Trial) -> Iterator[None]:
+def _together_on_our_storage(
+    trial: optuna.Trial, block: Callable[[ResilientRDBStorage], contextlib.AbstractContextManager]
+) -> contextlib.AbstractContextManager:
+    """`block(storage)` where the trial is on our RDB storage; a block that does nothing on any
+    other (the gRPC proxy, in-memory studies), where each write goes out at once."""
+    backend = rdb_behind(trial.storage)
+    if not isinstance(backend, ResilientRDBStorage):
+        return contextlib.nullcontext()
+    return block(backend)
+
+
+def attrs_together(trial: optuna.Trial) -> contextlib.AbstractContextManager:
     """Write the trial's user and system attributes set within the block (artifact uploads
     included) in one transaction at its end on our RDB storage (see
     ResilientRDBStorage.attrs_together); one by one on any other."""
-    backend = rdb_behind(trial.storage)
-    if not isinstance(backend, ResilientRDBStorage):
-        yield
-        return
-    with backend.attrs_together(trial._trial_id):
-        yield
+    return _together_on_our_storage(trial, lambda s: s.attrs_together(trial._trial_id))
 
 
-@contextlib.contextmanager
-def params_together(trial: optuna.Trial) -> Iterator[None]:
+def params_together(trial: optuna.Trial) -> contextlib.AbstractContextManager:
     """Write the parameters a trial suggests within the block in one transaction on our RDB
     storage (see ResilientRDBStorage.params_together); one by one on any other."""
-    backend = rdb_behind(trial.storage)
-    if not isinstance(backend, ResilientRDBStorage):
-        yield
-        return
-    with backend.params_together(trial._trial_id):
-        yield
+    return _together_on_our_storage(trial, lambda s: s.params_together(trial._trial_id))
 
 
-@contextlib.contextmanager
-def reports_together(trial: optuna.Trial, every_s: float = REPORTS_EVERY_S) -> Iterator[None]:
+def reports_together(
+    trial: optuna.Trial, every_s: float = REPORTS_EVERY_S
+) -> contextlib.AbstractContextManager:
     """Write the trial's reports within the block together, at most every `every_s` seconds
     and at its end, on our RDB storage (see ResilientRDBStorage.reports_together); one by one
     on any other."""
-    backend = rdb_behind(trial.storage)
-    if not isinstance(backend, ResilientRDBStorage):
-        yield
-        return
-    with backend.reports_together(trial._trial_id, every_s):
-        yield
+    return _together_on_our_storage(trial, lambda s: s.reports_together(trial._trial_id, every_s))
 
 
 def open_storage(settings: Settings, *, heartbeat: bool = True) -> RDBStorage | GrpcStorageProxy:
